@@ -1,0 +1,5 @@
+"""``python -m sdopt`` runs the command line interface."""
+
+from sdopt.cli import main
+
+raise SystemExit(main())
