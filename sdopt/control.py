@@ -1,0 +1,245 @@
+"""Pure control rules used by :class:`sdopt.SDOptimizer`: learning-rate scale and penalty weight.
+
+Everything here is a pure function of (estimate, state, config) returning (new value, new
+state); the optimizer only stores the state and applies the value. This keeps the rules easy to
+test in isolation and makes checkpoints trivial (the states are small frozen dataclasses).
+
+Learning-rate control by prediction (THEORY.md §7, the project's own design on top of Tuci,
+Korkmaz, Şimşekli, Birdal, "Generalization at the Edge of Stability", arXiv:2604.19740).
+Once a spectrum estimate exists, the sharpness dimension at any learning rate η' = s·η is
+available without new Hessian products, because the Lyapunov exponents are ``log|1 - η'α|``.
+Given ``predict(s) = SD(s·η)``, one update of the rule is:
+
+1. **Admissible scale.** ``s* = sup{ s ∈ [s_min, s_max] : predict(s') ≤ target for all
+   s_min ≤ s' ≤ s }``, found by a geometric scan of ``grid`` points followed by bisection in
+   log-scale to relative tolerance ``rtol``. For a Hessian with spectrum in ``[0, λ_max]`` and
+   ``target = 0`` this is ``s* = 2 / (η λ_max)`` (up to ``rtol``), the edge of stability.
+   If even ``s_min`` violates the target (possible with negative curvature, whose exponents are
+   positive at every η), the target is relaxed to ``predict(s_min)``: the scale then stops SD
+   from growing above what the smallest allowed step gives, and the state records
+   ``feasible=False``.
+2. **Asymmetric smoothing.** A *decrease* (``s* < s``) is applied at once: safety first, the
+   step never stays beyond the target waiting for an average to catch up. An *increase* goes
+   through an exponential moving average in log-scale, ``m ← β m + (1 - β) log s*``, is capped
+   at ``s*`` and at ``max_growth · s`` per update, and is applied only when it exceeds the
+   current scale by more than the relative ``hysteresis`` band (no chattering).
+3. **Clamps.** The result is clamped to ``[min_scale, max_scale]``. With the default
+   ``max_scale = 1`` the controller only ever lowers the user's learning rate; allow
+   ``max_scale > 1`` to let it climb up to the edge of stability.
+
+Penalty schedule: :func:`penalty_weight` ramps the penalty strength linearly over ``warmup``
+steps (0 disables the ramp).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from sdopt._checks import check_in_range, check_int, check_positive
+
+__all__ = [
+    "LRControllerConfig",
+    "LRControllerState",
+    "admissible_scale",
+    "penalty_weight",
+    "update_lr_scale",
+]
+
+
+@dataclass(frozen=True)
+class LRControllerConfig:
+    """Settings of the learning-rate controller (see the module docstring for the rule).
+
+    Attributes:
+        target_sd: Largest allowed predicted sharpness dimension (``>= 0``). ``0`` keeps the
+            step just below the edge of stability on a positive semi-definite spectrum.
+        smoothing: EMA coefficient ``β ∈ [0, 1)`` applied to increases (0: no smoothing).
+        hysteresis: Relative dead band ``≥ 0``: an increase smaller than ``hysteresis · s`` is
+            ignored.
+        min_scale: Smallest LR scale (``> 0``).
+        max_scale: Largest LR scale (``≥ min_scale``).
+        max_growth: Largest factor (``≥ 1``) by which one update may raise the scale.
+        grid: Number of points (``≥ 2``) of the geometric scan over ``[min_scale, max_scale]``.
+        rtol: Relative tolerance (``> 0``) of the bisection.
+    """
+
+    target_sd: float = 0.0
+    smoothing: float = 0.5
+    hysteresis: float = 0.05
+    min_scale: float = 1e-3
+    max_scale: float = 1.0
+    max_growth: float = 2.0
+    grid: int = 24
+    rtol: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check_positive("target_sd", self.target_sd, allow_zero=True)
+        check_in_range("smoothing", self.smoothing, 0.0, 1.0, high_open=True)
+        check_positive("hysteresis", self.hysteresis, allow_zero=True)
+        check_positive("min_scale", self.min_scale)
+        check_positive("max_scale", self.max_scale)
+        if self.max_scale < self.min_scale:
+            raise ValueError(
+                f"Invalid max_scale: {self.max_scale!r} (must be >= min_scale={self.min_scale!r})"
+            )
+        check_in_range("max_growth", self.max_growth, 1.0, math.inf, high_open=True)
+        check_int("grid", self.grid, minimum=2)
+        check_in_range("rtol", self.rtol, 0.0, 1.0, low_open=True, high_open=True)
+
+
+@dataclass(frozen=True)
+class LRControllerState:
+    """State of the learning-rate controller.
+
+    Attributes:
+        scale: LR scale in force.
+        log_ema: EMA of ``log s*`` (``nan`` before the first update).
+        admissible: The last admissible scale ``s*`` (``nan`` before the first update).
+        predicted_sd: Predicted SD at the new scale.
+        feasible: ``False`` when the target had to be relaxed (see module docstring).
+        updates: Number of updates so far.
+    """
+
+    scale: float = 1.0
+    log_ema: float = math.nan
+    admissible: float = math.nan
+    predicted_sd: float = math.nan
+    feasible: bool = True
+    updates: int = 0
+
+    def to_dict(self) -> dict[str, float | int | bool]:
+        """Plain dict for checkpoints."""
+        return {
+            "scale": self.scale,
+            "log_ema": self.log_ema,
+            "admissible": self.admissible,
+            "predicted_sd": self.predicted_sd,
+            "feasible": self.feasible,
+            "updates": self.updates,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, float | int | bool]) -> LRControllerState:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            scale=float(data["scale"]),
+            log_ema=float(data["log_ema"]),
+            admissible=float(data["admissible"]),
+            predicted_sd=float(data["predicted_sd"]),
+            feasible=bool(data["feasible"]),
+            updates=int(data["updates"]),
+        )
+
+
+def admissible_scale(
+    predict: Callable[[float], float],
+    target: float,
+    low: float,
+    high: float,
+    *,
+    grid: int = 24,
+    rtol: float = 1e-3,
+) -> tuple[float, bool]:
+    """Largest ``s`` in ``[low, high]`` with ``predict(s') <= target`` for all ``low <= s' <= s``.
+
+    A geometric scan of ``grid`` points locates the first violation; bisection in log-scale
+    then narrows it to relative width ``rtol``. The returned scale is always on the admissible
+    side of the bracket. If ``predict(low) > target`` the target is relaxed to ``predict(low)``
+    and ``feasible`` is ``False``.
+
+    Args:
+        predict: Predicted sharpness dimension as a function of the LR scale.
+        target: Largest allowed value.
+        low: Smallest scale (``> 0``).
+        high: Largest scale (``>= low``).
+        grid: Scan points (``>= 2``).
+        rtol: Relative bisection tolerance.
+
+    Returns:
+        ``(scale, feasible)``.
+    """
+    first = float(predict(low))
+    feasible = math.isfinite(first) and first <= target
+    bound = target if feasible else (first if math.isfinite(first) else math.inf)
+    if high <= low:
+        return low, feasible
+    ratio = (high / low) ** (1.0 / (grid - 1))
+    prev = low
+    for i in range(1, grid):
+        s = high if i == grid - 1 else low * ratio**i
+        value = float(predict(s))
+        if not (value <= bound):  # also catches nan
+            lo, hi = prev, s
+            while hi / lo > 1.0 + rtol:
+                mid = math.sqrt(lo * hi)
+                v = float(predict(mid))
+                if v <= bound:
+                    lo = mid
+                else:
+                    hi = mid
+            return lo, feasible
+        prev = s
+    return high, feasible
+
+
+def update_lr_scale(
+    predict: Callable[[float], float],
+    state: LRControllerState,
+    config: LRControllerConfig,
+) -> tuple[float, LRControllerState]:
+    """One update of the learning-rate scale (the rule in the module docstring).
+
+    Args:
+        predict: ``s -> SD(s · η)`` from the latest spectrum estimate (no Hessian products).
+        state: The controller state before the update.
+        config: Controller settings.
+
+    Returns:
+        ``(new_scale, new_state)``.
+    """
+    raw, feasible = admissible_scale(
+        predict,
+        config.target_sd,
+        config.min_scale,
+        config.max_scale,
+        grid=config.grid,
+        rtol=config.rtol,
+    )
+    current = min(max(state.scale, config.min_scale), config.max_scale)
+    if raw <= current:
+        new = raw
+        log_ema = math.log(raw)
+    else:
+        prev = state.log_ema if math.isfinite(state.log_ema) else math.log(current)
+        log_ema = config.smoothing * prev + (1.0 - config.smoothing) * math.log(raw)
+        candidate = min(math.exp(log_ema), raw, current * config.max_growth)
+        new = candidate if candidate > current * (1.0 + config.hysteresis) else current
+    new = min(max(new, config.min_scale), config.max_scale)
+    new_state = replace(
+        state,
+        scale=new,
+        log_ema=log_ema,
+        admissible=raw,
+        predicted_sd=float(predict(new)),
+        feasible=feasible,
+        updates=state.updates + 1,
+    )
+    return new, new_state
+
+
+def penalty_weight(step: int, strength: float, warmup: int = 0) -> float:
+    """Penalty strength at ``step``: ``strength · min(1, (step + 1) / warmup)`` (constant if ``warmup == 0``).
+
+    Args:
+        step: Optimizer step (0-based).
+        strength: Full strength (``>= 0``).
+        warmup: Length of the linear ramp in steps (``>= 0``).
+
+    Returns:
+        The weight multiplying the penalty gradient at this step.
+    """
+    if warmup <= 0:
+        return float(strength)
+    return float(strength) * min(1.0, (step + 1) / warmup)

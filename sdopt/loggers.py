@@ -1,0 +1,253 @@
+"""Loggers for :class:`sdopt.records.EstimateRecord`: Weights & Biases, CSV, JSONL and console.
+
+Every logger has ``log(record)`` and ``close()`` and writes the keys of
+:meth:`EstimateRecord.to_dict` (``sdopt/step``, ``sdopt/sharpness_dimension``, ...). Under
+``torch.distributed`` only rank 0 writes: on other ranks ``log`` does nothing, so the same code
+runs unchanged in every process.
+
+``wandb`` is an optional dependency (``pip install "sdopt[wandb]"``), imported only when a
+:class:`WandbLogger` is created.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from sdopt._checks import check_int
+from sdopt.records import EstimateRecord
+
+__all__ = ["CSVLogger", "ConsoleLogger", "JSONLLogger", "Logger", "WandbLogger", "is_rank_zero"]
+
+
+def is_rank_zero() -> bool:
+    """``True`` unless ``torch.distributed`` is initialised and this process is not rank 0."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class Logger:
+    """Base class: subclasses implement :meth:`_write`; :meth:`log` filters to rank 0."""
+
+    rank_zero_only: bool = True
+
+    def log(self, record: EstimateRecord) -> None:
+        """Write one record (a no-op on ranks other than 0)."""
+        if self.rank_zero_only and not is_rank_zero():
+            return
+        self._write(record)
+
+    def _write(self, record: EstimateRecord) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Flush and release resources. Safe to call twice."""
+
+    def __enter__(self) -> Logger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class WandbLogger(Logger):
+    """Log records to Weights & Biases.
+
+    If a run is active (``wandb.run`` is not ``None``) it is used as is: ``wandb.init`` is never
+    called and :meth:`close` leaves the run open. Otherwise a run is created with
+    ``wandb.init(**init_kwargs)`` on the first record and finished by :meth:`close`.
+
+    All keys live under ``prefix`` (``"sdopt/"``), on their own step axis:
+    ``define_metric(prefix + "*", step_metric=prefix + "step")``, so the records never disturb
+    the x-axis of the user's own ``wandb.log`` calls.
+
+    Args:
+        prefix: Key prefix; must end with ``"/"`` to form a W&B section.
+        commit: Passed to ``wandb.log``. ``True`` writes a row per record; ``False`` merges the
+            record into the user's next ``wandb.log`` call.
+        **init_kwargs: Passed to ``wandb.init`` when no run is active (``project``, ``name``,
+            ``mode``, ``dir``, ``config``, ...).
+
+    Raises:
+        ImportError: If ``wandb`` is not installed.
+        ValueError: If ``prefix`` is empty or does not end with ``"/"``.
+    """
+
+    def __init__(self, prefix: str = "sdopt/", *, commit: bool = True, **init_kwargs: Any) -> None:
+        if not isinstance(prefix, str) or not prefix.endswith("/") or prefix == "/":
+            raise ValueError(
+                f"Invalid prefix: {prefix!r} (must be a non-empty string ending in '/')"
+            )
+        try:
+            import wandb
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError('WandbLogger needs wandb: pip install "sdopt[wandb]"') from exc
+        self._wandb = wandb
+        self.prefix = prefix
+        self.commit = bool(commit)
+        self.init_kwargs = init_kwargs
+        self._run: Any = None
+        self._owns_run = False
+        self._defined = False
+
+    @property
+    def run(self) -> Any:
+        """The W&B run records go to (``None`` before the first record, and on ranks other than 0)."""
+        return self._run
+
+    def _ensure_run(self) -> Any:
+        wandb = self._wandb
+        if wandb.run is not None:
+            self._run = wandb.run
+        elif self._run is None or self._owns_run is False:
+            self._run = wandb.init(**self.init_kwargs)
+            self._owns_run = True
+        if not self._defined:
+            self._run.define_metric(f"{self.prefix}step")
+            self._run.define_metric(f"{self.prefix}*", step_metric=f"{self.prefix}step")
+            self._defined = True
+        return self._run
+
+    def _write(self, record: EstimateRecord) -> None:
+        run = self._ensure_run()
+        run.log(record.to_dict(self.prefix), commit=self.commit)
+
+    def close(self) -> None:
+        if self._run is not None and self._owns_run:
+            self._run.finish()
+        self._run = None
+        self._owns_run = False
+        self._defined = False
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+class JSONLLogger(Logger):
+    """Append one JSON object per record to a ``.jsonl`` file (NaN written as ``null``).
+
+    Args:
+        path: File to write; parent directories are created.
+        prefix: Key prefix (``""`` by default: plain field names).
+        append: Append to an existing file instead of truncating it.
+    """
+
+    def __init__(self, path: str | Path, *, prefix: str = "", append: bool = False) -> None:
+        self.path = Path(path)
+        self.prefix = prefix
+        self.append = append
+        self._file: TextIO | None = None
+
+    def _write(self, record: EstimateRecord) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a" if self.append else "w", encoding="utf-8")
+        row = {k: _json_safe(v) for k, v in record.to_dict(self.prefix, include_text=True).items()}
+        self._file.write(json.dumps(row, allow_nan=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class CSVLogger(Logger):
+    """Write records as rows of a CSV file with a header.
+
+    Columns are the keys of the records seen so far; when a later record brings new keys (for
+    example eigenvalues after a skipped first estimate) the file is rewritten with the wider
+    header. Missing values are empty cells.
+
+    Args:
+        path: File to write; parent directories are created.
+        prefix: Key prefix (``""`` by default: plain column names).
+    """
+
+    def __init__(self, path: str | Path, *, prefix: str = "") -> None:
+        self.path = Path(path)
+        self.prefix = prefix
+        self._fields: list[str] = []
+        self._file: TextIO | None = None
+        self._writer: csv.DictWriter | None = None
+
+    def _reopen(self) -> None:
+        """(Re)write the file with the current header, keeping the rows already written."""
+        old_rows: list[dict[str, str]] = []
+        if self._file is not None:
+            self._file.close()
+            with self.path.open(newline="", encoding="utf-8") as f:
+                old_rows = list(csv.DictReader(f))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("w", newline="", encoding="utf-8")
+        self._writer = csv.DictWriter(self._file, fieldnames=self._fields, restval="")
+        self._writer.writeheader()
+        self._writer.writerows(old_rows)
+
+    def _write(self, record: EstimateRecord) -> None:
+        row = record.to_dict(self.prefix, include_text=True)
+        new = [k for k in row if k not in self._fields]
+        if new or self._writer is None:
+            self._fields.extend(new)
+            self._reopen()
+        assert self._writer is not None and self._file is not None
+        self._writer.writerow(row)
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._writer = None
+
+
+class ConsoleLogger(Logger):
+    """Print a one-line summary of every ``every``-th record.
+
+    Example line::
+
+        [sdopt] step 200: SD 3.41 ± 0.12 | λmax 1.93e+01 | η·λmax/2 0.97 | scale 1.000 | 34 HVPs, 0.21 s, 4.1% overhead
+
+    Args:
+        stream: Where to print (``sys.stderr`` by default).
+        every: Print one record in ``every``.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, every: int = 1) -> None:
+        self.stream = stream
+        self.every = check_int("every", every, minimum=1)
+        self._count = 0
+
+    @staticmethod
+    def format(record: EstimateRecord) -> str:
+        """The line printed for ``record``."""
+        if not record.ok:
+            return f"[sdopt] step {record.step}: estimate skipped ({record.reason})"
+        parts = [
+            f"SD {record.sharpness_dimension:.4g} ± {record.uncertainty:.2g}",
+            f"λmax {record.lambda_max:.3e}",
+            f"η·λmax/2 {record.edge_ratio:.3f}",
+            f"scale {record.lr_scale:.3f}",
+        ]
+        if not math.isnan(record.penalty):
+            parts.append(f"penalty {record.penalty:.4g}")
+        cost = f"{record.num_products} HVPs, {record.seconds:.2f} s"
+        if not math.isnan(record.overhead_fraction):
+            cost += f", {100 * record.overhead_fraction:.1f}% overhead"
+        parts.append(cost)
+        return f"[sdopt] step {record.step}: " + " | ".join(parts)
+
+    def _write(self, record: EstimateRecord) -> None:
+        self._count += 1
+        if (self._count - 1) % self.every:
+            return
+        stream = self.stream if self.stream is not None else sys.stderr
+        print(self.format(record), file=stream, flush=True)

@@ -1,0 +1,122 @@
+"""One record per curvature estimate made by :class:`sdopt.SDOptimizer`.
+
+A record carries what a user wants to plot or log about the sharpness dimension (SD) of
+training at one step: the top Hessian eigenvalues, the SD estimate and its uncertainty, λ_max,
+the trace, the learning rate and the LR scale in force, the penalty value, what it cost
+(Hessian-vector products, seconds, fraction of wall time) and whether the estimate was skipped
+and why. Definitions follow Tuci, Korkmaz, Şimşekli, Birdal, "Generalization at the Edge of
+Stability", arXiv:2604.19740.
+
+:meth:`EstimateRecord.to_dict` flattens a record into ``{"sdopt/<name>": number}`` so that every
+logger (W&B, CSV, JSONL, console) writes the same keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["EstimateRecord"]
+
+STATUSES = ("ok", "skipped")
+
+
+@dataclass
+class EstimateRecord:
+    """The outcome of one estimate (or of one skipped estimate).
+
+    Attributes:
+        step: Optimizer step at which the estimate was made (0-based count of ``step()`` calls
+            before this one: the estimate describes the parameters the step starts from).
+        mode: ``"monitor"``, ``"lr"`` or ``"penalty"``.
+        status: ``"ok"`` or ``"skipped"``.
+        reason: Why the estimate was skipped (``None`` when ``status == "ok"``).
+        sharpness_dimension: SD estimate at the learning rate in force, ``lr``.
+        uncertainty: Its uncertainty (standard error from the estimator, ``nan`` if unknown).
+        lambda_max: Largest Hessian eigenvalue found.
+        trace: Estimate of ``tr H`` (``nan`` when the estimator does not compute one).
+        eigenvalues: The top-``k`` Hessian eigenvalues, decreasing.
+        lr: Effective learning rate used for the SD (base LR of the reference group x LR scale).
+        base_lr: The user's learning rate (reference group, without the scale).
+        lr_scale: LR scale in force after this estimate (1.0 outside ``mode="lr"``).
+        predicted_sharpness_dimension: In ``mode="lr"``, SD predicted from the stored spectrum at
+            the new scale (no extra products); ``nan`` otherwise.
+        edge_ratio: ``lr * lambda_max / 2``; above 1 the step is beyond the edge of stability.
+        penalty: Value of ``strength x`` smooth SD surrogate (``mode="penalty"``), else ``nan``.
+        loss: Training loss on the curvature batch at the estimate.
+        num_products: Hessian-vector products (and equivalent gradient evaluations) used.
+        seconds: Wall time of the estimate.
+        overhead_fraction: ``seconds`` spent by sdopt since the previous estimate divided by the
+            wall time of that whole interval (estimation + penalty + base steps).
+        method: Estimator name (e.g. ``"topk"``).
+        protocol: ``"full-batch"`` or ``"minibatch"``.
+        converged: Whether the eigen-solver met its tolerance.
+    """
+
+    step: int
+    mode: str = "monitor"
+    status: str = "ok"
+    reason: str | None = None
+    sharpness_dimension: float = math.nan
+    uncertainty: float = math.nan
+    lambda_max: float = math.nan
+    trace: float = math.nan
+    eigenvalues: list[float] = field(default_factory=list)
+    lr: float = math.nan
+    base_lr: float = math.nan
+    lr_scale: float = 1.0
+    predicted_sharpness_dimension: float = math.nan
+    edge_ratio: float = math.nan
+    penalty: float = math.nan
+    loss: float = math.nan
+    num_products: int = 0
+    seconds: float = 0.0
+    overhead_fraction: float = math.nan
+    method: str = ""
+    protocol: str = ""
+    converged: bool = True
+
+    @property
+    def ok(self) -> bool:
+        """``True`` when the estimate was made (not skipped)."""
+        return self.status == "ok"
+
+    def to_dict(self, prefix: str = "sdopt/", *, include_text: bool = False) -> dict[str, Any]:
+        """Flatten to ``{prefix + name: number}``.
+
+        Eigenvalues become ``eigenvalue_1 .. eigenvalue_k`` (1 = largest); ``status`` becomes the
+        0/1 flag ``skipped``; booleans become 0/1. With ``include_text=True`` the strings
+        ``mode``, ``status``, ``reason``, ``method`` and ``protocol`` are included too (CSV/JSONL
+        use this; W&B and other metric stores get numbers only).
+
+        Args:
+            prefix: Prepended to every key (``"sdopt/"`` by default, ``""`` for none).
+            include_text: Whether to include the string fields.
+
+        Returns:
+            A flat ``dict`` of ``int``/``float`` (and strings with ``include_text``).
+        """
+        out: dict[str, Any] = {}
+        for name, value in asdict(self).items():
+            if name == "eigenvalues":
+                for i, ev in enumerate(value, start=1):
+                    out[f"{prefix}eigenvalue_{i}"] = float(ev)
+            elif name in ("mode", "status", "reason", "method", "protocol"):
+                if include_text:
+                    out[f"{prefix}{name}"] = "" if value is None else str(value)
+            elif isinstance(value, bool):
+                out[f"{prefix}{name}"] = int(value)
+            elif isinstance(value, int):
+                out[f"{prefix}{name}"] = value
+            else:
+                out[f"{prefix}{name}"] = float(value)
+        out[f"{prefix}skipped"] = int(self.status != "ok")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EstimateRecord:
+        """Inverse of ``asdict`` (used when an optimizer's history is restored from a checkpoint)."""
+        kwargs = dict(data)
+        kwargs["eigenvalues"] = [float(x) for x in kwargs.get("eigenvalues", [])]
+        return cls(**kwargs)

@@ -1,0 +1,217 @@
+"""Records and loggers: flattening, CSV/JSONL/console output, and a real offline W&B run read back."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+
+from sdopt.loggers import ConsoleLogger, CSVLogger, JSONLLogger, WandbLogger
+from sdopt.records import EstimateRecord
+
+
+def _record(step: int = 10, **kw) -> EstimateRecord:
+    base = dict(
+        step=step,
+        mode="lr",
+        sharpness_dimension=2.5,
+        uncertainty=0.25,
+        lambda_max=40.0,
+        trace=100.0,
+        eigenvalues=[40.0, 20.0, 5.0],
+        lr=0.05,
+        base_lr=0.1,
+        lr_scale=0.5,
+        predicted_sharpness_dimension=0.0,
+        edge_ratio=1.0,
+        loss=0.75,
+        num_products=12,
+        seconds=0.5,
+        overhead_fraction=0.04,
+        method="topk",
+        protocol="full-batch",
+    )
+    base.update(kw)
+    return EstimateRecord(**base)
+
+
+def test_record_to_dict_flattens_numbers_under_prefix() -> None:
+    d = _record().to_dict()
+    assert d["sdopt/step"] == 10 and isinstance(d["sdopt/step"], int)
+    assert d["sdopt/sharpness_dimension"] == 2.5
+    assert [d[f"sdopt/eigenvalue_{i}"] for i in (1, 2, 3)] == [40.0, 20.0, 5.0]
+    assert d["sdopt/skipped"] == 0 and d["sdopt/converged"] == 1
+    assert math.isnan(d["sdopt/penalty"])
+    assert all(isinstance(v, (int, float)) for v in d.values())
+    assert "sdopt/mode" not in d and "sdopt/eigenvalues" not in d
+    text = _record(status="skipped", reason="non-finite loss").to_dict("", include_text=True)
+    assert text["status"] == "skipped" and text["reason"] == "non-finite loss"
+    assert text["skipped"] == 1
+
+
+def test_record_round_trips_through_asdict() -> None:
+    from dataclasses import asdict
+
+    rec = _record()
+    assert EstimateRecord.from_dict(asdict(rec)) == rec
+
+
+def test_csv_logger_widens_header_when_eigenvalues_appear(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "sd.csv"
+    logger = CSVLogger(path)
+    logger.log(EstimateRecord(step=0, status="skipped", reason="non-finite loss"))
+    logger.log(_record(step=5))
+    logger.close()
+    rows = list(csv.DictReader(path.open()))
+    assert [r["step"] for r in rows] == ["0", "5"]
+    assert rows[0]["reason"] == "non-finite loss" and rows[0]["eigenvalue_1"] == ""
+    assert float(rows[1]["eigenvalue_2"]) == 20.0
+    assert float(rows[1]["sharpness_dimension"]) == 2.5
+
+
+def test_jsonl_logger_writes_valid_json_with_null_for_nan(tmp_path: Path) -> None:
+    path = tmp_path / "sd.jsonl"
+    with JSONLLogger(path) as logger:
+        logger.log(_record(step=1))
+        logger.log(_record(step=2, penalty=0.5))
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["penalty"] is None and rows[1]["penalty"] == 0.5
+    assert rows[0]["mode"] == "lr" and rows[0]["eigenvalue_1"] == 40.0
+
+
+def test_console_logger_prints_every_nth() -> None:
+    stream = io.StringIO()
+    logger = ConsoleLogger(stream, every=2)
+    for step in range(4):
+        logger.log(_record(step=step))
+    logger.log(EstimateRecord(step=9, status="skipped", reason="estimate failed: boom"))
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("[sdopt] step 0: SD 2.5 ± 0.25")
+    assert "η·λmax/2 1.000" in lines[0] and "12 HVPs" in lines[0] and "4.0% overhead" in lines[0]
+    assert lines[1].startswith("[sdopt] step 2")
+    assert lines[2] == "[sdopt] step 9: estimate skipped (estimate failed: boom)"
+
+
+def test_console_logger_rejects_bad_every() -> None:
+    with pytest.raises(ValueError, match="Invalid every: 0"):
+        ConsoleLogger(every=0)
+
+
+def test_wandb_logger_rejects_bad_prefix() -> None:
+    pytest.importorskip("wandb")
+    with pytest.raises(ValueError, match="Invalid prefix: 'sdopt'"):
+        WandbLogger(prefix="sdopt")
+
+
+# --- W&B: a real offline run, read back from its transaction log ------------------------------
+
+
+def read_wandb_records(path: Path) -> list:
+    """Parse a ``.wandb`` transaction log (LevelDB log format) into ``Record`` protobufs.
+
+    File: a 7-byte header (ident, magic, version), then 32 KiB blocks of chunks, each a 7-byte
+    header (crc32 uint32, length uint16, type uint8) and data; type 1 = full record, 2/3/4 =
+    first/middle/last piece; fewer than 7 bytes left in a block are padding.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    block, pos, pieces, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        room = block - pos % block
+        if room < 7:
+            pos += room
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            pos += room
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            records.append(chunk)
+        elif kind == 2:
+            pieces = chunk
+        elif kind == 3:
+            pieces += chunk
+        elif kind == 4:
+            records.append(pieces + chunk)
+    out = []
+    for raw in records:
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(raw)
+        out.append(rec)
+    return out
+
+
+def _history_rows(records: list) -> list[dict[str, float]]:
+    rows = []
+    for rec in records:
+        if rec.WhichOneof("record_type") == "history":
+            row = {}
+            for item in rec.history.item:
+                key = item.key or "/".join(item.nested_key)
+                row[key] = json.loads(item.value_json)
+            rows.append(row)
+    return rows
+
+
+@pytest.fixture
+def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    yield wandb, tmp_path
+    if wandb.run is not None:
+        wandb.run.finish()
+
+
+def test_wandb_logger_offline_run_is_read_back(wandb_offline) -> None:
+    wandb, tmp_path = wandb_offline
+    logger = WandbLogger(project="sdopt-test", dir=str(tmp_path))
+    logger.log(_record(step=100))
+    logger.log(_record(step=200, sharpness_dimension=3.0, eigenvalues=[41.0, 21.0, 6.0]))
+    run_dir = Path(logger.run.dir).parent
+    logger.close()
+    assert wandb.run is None  # the logger created the run, so it finished it
+    records = read_wandb_records(next(run_dir.glob("*.wandb")))
+    metrics = {
+        r.metric.glob_name or r.metric.name: r.metric.step_metric
+        for r in records
+        if r.WhichOneof("record_type") == "metric"
+    }
+    assert metrics["sdopt/*"] == "sdopt/step"
+    rows = [r for r in _history_rows(records) if "sdopt/step" in r]
+    assert [r["sdopt/step"] for r in rows] == [100, 200]
+    assert rows[0]["sdopt/sharpness_dimension"] == 2.5
+    assert rows[1]["sdopt/sharpness_dimension"] == 3.0
+    assert rows[1]["sdopt/eigenvalue_3"] == 6.0
+    assert rows[0]["sdopt/lr_scale"] == 0.5 and rows[0]["sdopt/num_products"] == 12
+    assert all(k.startswith("sdopt/") or k.startswith("_") for r in rows for k in r)
+
+
+def test_wandb_logger_reuses_existing_run(wandb_offline, monkeypatch: pytest.MonkeyPatch) -> None:
+    wandb, tmp_path = wandb_offline
+    run = wandb.init(project="sdopt-test", dir=str(tmp_path))
+    calls = []
+    monkeypatch.setattr(wandb, "init", lambda *a, **k: calls.append(1))
+    logger = WandbLogger(project="ignored")
+    logger.log(_record(step=1))
+    run.log({"user/loss": 0.5})
+    logger.close()
+    assert calls == [] and logger.run is None
+    assert wandb.run is run  # still open: the user owns it
+    run_dir = Path(run.dir).parent
+    run.finish()
+    rows = _history_rows(read_wandb_records(next(run_dir.glob("*.wandb"))))
+    assert any(r.get("sdopt/step") == 1 for r in rows)
+    assert any(r.get("user/loss") == 0.5 for r in rows)
