@@ -1,0 +1,292 @@
+"""A functional view of ``loss_fn(model(inputs), targets)`` over the trainable parameters.
+
+:class:`FunctionalLoss` turns a stateful ``nn.Module`` into a pure function of a tuple of
+parameter tensors, ``L(θ) = (1/B) Σ_b loss_fn(model(x_b; θ, buffers), y_b)``, through
+:func:`torch.func.functional_call`. Every Hessian-vector product mode of
+:mod:`sdopt.curvature` and the differentiable sharpness-dimension penalty are built on it; it
+is differentiable to any order (``torch.func.grad``/``jvp``/``vjp``/``vmap`` or
+``torch.autograd.grad(..., create_graph=True)``), so third derivatives
+``D³L[u, u, ·]`` work through it.
+
+Side effects are confined (Tuci et al., "Generalization at the Edge of Stability",
+arXiv:2604.19740, need the Hessian of the training loss *at one weight vector*, with nothing
+else changing):
+
+- only parameters with ``requires_grad=True`` are variables (tied weights once, the first name
+  ``named_parameters()`` reports); frozen parameters are read from the module as constants;
+- buffers are cloned once at construction and BatchNorm layers in training mode are evaluated
+  with batch statistics *without* updating running statistics, so the module's buffers are
+  never mutated;
+- dropout: ``dropout="off"`` (default) evaluates dropout modules as the identity (inference
+  behaviour); ``dropout="fixed"`` keeps dropout active but reseeds the random number generator
+  with ``dropout_seed`` before every forward pass, so every pass draws the *same* masks.
+  Either way the loss is a fixed deterministic function of θ, which a linear operator needs
+  (a fresh mask per product would make every product belong to a different matrix, and
+  Lanczos would silently break). ``"off"`` is the default because it is what the model computes
+  at evaluation and because it needs no RNG at all;
+- module ``training`` flags, ``.grad`` fields and the global RNG state are exactly as before
+  after every evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from sdopt._checks import check_choice, check_int
+
+__all__ = ["FunctionalLoss", "make_functional_loss", "normalize_batches"]
+
+DROPOUT_CHOICES = ("off", "fixed")
+
+Batch = tuple[Any, Any]
+
+
+def _is_pair(obj: Any) -> bool:
+    return isinstance(obj, (tuple, list)) and len(obj) == 2
+
+
+def normalize_batches(data: Any) -> list[Batch]:
+    """Return ``data`` as a non-empty list of ``(inputs, targets)`` pairs.
+
+    ``data`` is one ``(inputs, targets)`` batch (a pair whose second element is a tensor, or
+    whose first element is a tensor) or an iterable of such pairs (a list, a ``DataLoader``).
+    """
+    if data is None:
+        raise ValueError(
+            "Invalid data: None (must be an (inputs, targets) batch or a sequence of them)"
+        )
+    if _is_pair(data) and (isinstance(data[0], Tensor) or isinstance(data[1], Tensor)):
+        if not (_is_pair(data[0]) and _is_pair(data[1])):
+            return [(data[0], data[1])]
+    if isinstance(data, Tensor):
+        raise ValueError(
+            f"Invalid data: a tensor of shape {tuple(data.shape)} "
+            "(must be an (inputs, targets) batch or a sequence of them)"
+        )
+    try:
+        batches = list(data)
+    except TypeError:
+        raise ValueError(
+            f"Invalid data: {type(data).__name__} (must be an (inputs, targets) batch or a "
+            "sequence of them)"
+        ) from None
+    if not batches:
+        raise ValueError(
+            "Invalid data: an empty sequence (need at least one (inputs, targets) batch)"
+        )
+    for i, batch in enumerate(batches):
+        if not _is_pair(batch):
+            raise ValueError(
+                f"Invalid data[{i}]: {type(batch).__name__} (each batch must be an "
+                "(inputs, targets) pair)"
+            )
+    return [(b[0], b[1]) for b in batches]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Strip DistributedDataParallel / DataParallel wrappers (their forward syncs buffers)."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+def _call_model(model: nn.Module, state: dict[str, Tensor], inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return functional_call(model, state, (), dict(inputs))
+    if isinstance(inputs, tuple):
+        return functional_call(model, state, inputs)
+    return functional_call(model, state, (inputs,))
+
+
+class FunctionalLoss:
+    """``L(θ)``: the mean over batches of ``loss_fn(model(inputs), targets)`` as a pure function.
+
+    Build with :func:`make_functional_loss`. ``loss(params)`` takes a tuple of tensors shaped
+    like :attr:`params` (any values, e.g. perturbed or batched under ``vmap``) and returns a
+    0-d tensor differentiable to any order.
+
+    Attributes:
+        model: the (unwrapped) module.
+        names: names of the trainable parameters, in ``named_parameters()`` order.
+        params: the trainable parameters, detached (they alias the module's storage).
+        batches: the ``(inputs, targets)`` pairs.
+        dim: total number of trainable scalars.
+        dtype, device: those of the first trainable parameter (flat vectors use them).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], Tensor],
+        data: Any,
+        *,
+        dropout: str = "off",
+        dropout_seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"Invalid model: {type(model).__name__} (must be a torch.nn.Module)")
+        if not callable(loss_fn):
+            raise ValueError(f"Invalid loss_fn: {loss_fn!r} (must be callable)")
+        check_choice("dropout", dropout, DROPOUT_CHOICES)
+        check_int("dropout_seed", dropout_seed)
+        self.model = _unwrap(model)
+        self.loss_fn = loss_fn
+        self.batches = normalize_batches(data)
+        self.dropout = dropout
+        self.dropout_seed = int(dropout_seed)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError(
+                f"Invalid model: {type(self.model).__name__} has no trainable parameters "
+                "(no parameter with requires_grad=True)"
+            )
+        self.names: list[str] = [n for n, _ in named]
+        self.params: tuple[Tensor, ...] = tuple(p.detach() for _, p in named)
+        self.shapes = [p.shape for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        self.dim = int(sum(self.numels))
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self._versions = [p._version for p in self.params]
+        # Buffers are cloned once: nothing a forward pass does can reach the module's own.
+        self.buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        self._dropout_modules = [
+            m
+            for m in self.model.modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd)
+            or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
+        ]
+        self._batchnorms = [
+            m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+
+    # ----------------------------------------------------------------------------- flat vectors
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Concatenate per-parameter tensors into one flat vector of length :attr:`dim`."""
+        return torch.cat([t.reshape(-1).to(self.dtype) for t in tensors])
+
+    def unflatten(self, vec: Tensor) -> list[Tensor]:
+        """Split a flat ``(dim,)`` vector into views shaped like :attr:`params`."""
+        return [
+            chunk.view(shape).to(p.dtype)
+            for chunk, shape, p in zip(vec.split(self.numels), self.shapes, self.params)
+        ]
+
+    def unflatten_columns(self, mat: Tensor) -> list[Tensor]:
+        """Split a ``(dim, m)`` block into per-parameter ``(m, *shape)`` tensors."""
+        m = mat.shape[1]
+        return [
+            chunk.t().reshape(m, *shape).to(p.dtype)
+            for chunk, shape, p in zip(mat.split(self.numels, dim=0), self.shapes, self.params)
+        ]
+
+    def flatten_columns(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Inverse of :meth:`unflatten_columns`: per-parameter ``(m, *shape)`` -> ``(dim, m)``."""
+        m = tensors[0].shape[0]
+        return torch.cat([t.reshape(m, -1).to(self.dtype) for t in tensors], dim=1).t()
+
+    # ----------------------------------------------------------------------------- evaluation
+    def check_unchanged(self) -> None:
+        """Raise if a trainable parameter was modified in place since construction."""
+        for name, p, version in zip(self.names, self.params, self._versions):
+            if p._version != version:
+                raise RuntimeError(
+                    f"Parameter {name!r} was modified in place after the curvature operator was "
+                    "built; the operator is a snapshot at construction: build a new one after "
+                    "each optimizer step"
+                )
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Context for every pass: dropout per :attr:`dropout`, BatchNorm statistics frozen,
+        module flags and the global RNG restored on exit."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        flags = [m.training for m in self._dropout_modules]
+        tracking = [m.track_running_stats for m in self._batchnorms]
+        with torch.random.fork_rng(devices=devices, enabled=True):
+            try:
+                if self.dropout == "off":
+                    for m in self._dropout_modules:
+                        m.training = False
+                for m in self._batchnorms:
+                    if m.training:
+                        # batch statistics, no running-statistics update (buffers untouched)
+                        m.track_running_stats = False
+                yield
+            finally:
+                for m, flag in zip(self._dropout_modules, flags):
+                    m.training = flag
+                for m, flag in zip(self._batchnorms, tracking):
+                    m.track_running_stats = flag
+
+    def batch_outputs(self, params: Sequence[Tensor], index: int) -> Any:
+        """``model(x_b; params)`` for batch ``index``; call inside :meth:`evaluation`."""
+        state = dict(self.buffers)
+        state.update(zip(self.names, params))
+        if self.dropout == "fixed" and self._dropout_modules:
+            torch.manual_seed(self.dropout_seed + index)
+        return _call_model(self.model, state, self.batches[index][0])
+
+    def batch_loss(self, params: Sequence[Tensor], index: int) -> Tensor:
+        """``loss_fn(model(x_b; params), y_b)`` for batch ``index``; call inside :meth:`evaluation`."""
+        loss = self.loss_fn(self.batch_outputs(params, index), self.batches[index][1])
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(
+                f"Invalid loss_fn: returned {shape} (must return a scalar 0-d tensor; use a "
+                "reduction such as 'mean')"
+            )
+        return loss
+
+    def loss(self, params: Sequence[Tensor]) -> Tensor:
+        """Mean of the per-batch losses at ``params``; call inside :meth:`evaluation`."""
+        total = self.batch_loss(params, 0)
+        for index in range(1, len(self.batches)):
+            total = total + self.batch_loss(params, index)
+        return total / len(self.batches) if len(self.batches) > 1 else total
+
+    def __call__(self, params: Sequence[Tensor] | None = None) -> Tensor:
+        """``L(params)`` (default: the stored parameters), with side effects confined."""
+        if params is None:
+            params = self.params
+        with self.evaluation():
+            return self.loss(tuple(params))
+
+
+def make_functional_loss(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    data: Any,
+    *,
+    dropout: str = "off",
+    dropout_seed: int = 0,
+) -> FunctionalLoss:
+    """Build the functional loss ``θ -> mean_b loss_fn(model(x_b; θ), y_b)``.
+
+    Args:
+        model: any ``nn.Module`` (a ``DistributedDataParallel`` wrapper is unwrapped).
+        loss_fn: ``loss_fn(outputs, targets) -> 0-d tensor``.
+        data: one ``(inputs, targets)`` batch or a sequence of them. ``inputs`` that are a
+            tensor are passed as ``model(inputs)``, a tuple as ``model(*inputs)``, a mapping as
+            ``model(**inputs)``.
+        dropout: ``"off"`` (dropout as identity) or ``"fixed"`` (same seeded masks every pass).
+        dropout_seed: seed for ``dropout="fixed"`` (batch ``b`` uses ``dropout_seed + b``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(3, 1, dtype=torch.float64)
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        >>> f = make_functional_loss(model, nn.functional.mse_loss, (x, y))
+        >>> H = torch.func.hessian(f)(f.params)  # nested tuples of blocks
+        >>> f.dim
+        4
+    """
+    return FunctionalLoss(model, loss_fn, data, dropout=dropout, dropout_seed=dropout_seed)
