@@ -22,7 +22,8 @@ Products (``mode=``): ``"reuse"`` keeps the output graph and a ``Jᵀu`` graph p
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -9,7 +9,8 @@ gives products ``v ↦ H v`` on flat vectors of length ``dim`` (the number of tr
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
