@@ -33,6 +33,14 @@ MODES = (
     "finite-difference",
 )
 _FALLBACK_ORDER = ("reuse", "fwd-rev", "finite-difference")
+# modes that rely on the same autodiff capability fail together
+_FAMILIES = {
+    "reuse": "double backward",
+    "double-backward": "double backward",
+    "rev-rev": "double backward",
+    "fwd-rev": "forward-mode AD",
+    "linearize": "forward-mode AD",
+}
 
 
 class CurvatureFallbackWarning(UserWarning):
@@ -96,6 +104,7 @@ class CurvatureOperator:
         resolved = default_mode(self.device) if mode == "auto" else mode
         self._engine = self._make_engine(resolved)
         self._verified = False
+        self._failed_families: set[str] = set()
         self._loss_and_gradient: tuple[Tensor, Tensor] | None = None
 
     # ------------------------------------------------------------------ engines and fallback
@@ -117,11 +126,16 @@ class CurvatureOperator:
             try:
                 out = call(x)
             except (RuntimeError, NotImplementedError) as error:
-                remaining = [m for m in self._fallback_order if m != engine.name]
-                tried = getattr(self, "_tried", set())
-                tried.add(engine.name)
-                self._tried = tried
-                remaining = [m for m in remaining if m not in tried]
+                # a mode that fails rules out the modes sharing its AD machinery
+                if engine.name == "autotune":  # every candidate failed
+                    self._failed_families.update(_FAMILIES.values())
+                else:
+                    self._failed_families.add(_FAMILIES.get(engine.name, engine.name))
+                remaining = [
+                    m
+                    for m in self._fallback_order
+                    if _FAMILIES.get(m, m) not in self._failed_families
+                ]
                 if not remaining:
                     raise
                 reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, linearize, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from sdopt.curvature.functional import FunctionalLoss
 
@@ -155,29 +155,75 @@ class ReverseOverReverse(_FunctionalEngine):
 
 
 class Linearize(ProductEngine):
+    """``linearize(grad(L))``: trace ``v -> jvp(grad L)(θ; v)`` once, fold constants, replay.
+
+    Built like ``torch.func.linearize`` (``make_fx`` then constant folding), with one repair:
+    in torch 2.13 the traced graph contains in-place ops (e.g. from the backward of
+    ``binary_cross_entropy_with_logits``) that overwrite its own folded constants, so a
+    second replay of ``torch.func.linearize``'s function returns wrong products. The
+    constants that a replay mutates are detected on the first product and restored before
+    every later one. Replay is cheap per product, but the one-off trace costs tens to hundreds
+    of gradients and the folded constants take memory; blocks are done column by column.
+    """
+
     name = "linearize"
 
     def __init__(self, f, **kw):
         super().__init__(f, **kw)
-        self._jvp_fn: Any = None
+        self._graph: Any = None
+        self._restore: list[tuple[Tensor, Tensor]] | None = None
 
-    def _ensure(self):
-        if self._jvp_fn is None:
-            with warnings.catch_warnings():  # torch's constant folding warns about its own fx graph
-                warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
-                _, self._jvp_fn = linearize(grad(self.f.loss), self.f.params)
-        return self._jvp_fn
+    def _build(self) -> None:
+        from torch.fx.experimental import const_fold
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        f = self.f
+        gradient = grad(f.loss)
+
+        def trace(*tangents):
+            return tuple(jvp(gradient, (f.params,), (tangents,))[1])
+
+        zeros = tuple(torch.zeros_like(p) for p in f.params)
+        with warnings.catch_warnings():  # torch's constant folding warns about its own fx graph
+            warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
+            graph = const_fold.split_const_subgraphs(make_fx(trace)(*zeros))
+            graph.run_folding()
+        self._graph = graph
+        self._constants = [
+            value
+            for module in graph.modules()
+            for value in (
+                *vars(module).values(),
+                *module._parameters.values(),
+                *module._buffers.values(),
+            )
+            if isinstance(value, Tensor) and value.device.type != "meta"
+        ]
 
     def matvec(self, v: Tensor) -> Tensor:
-        return self.f.flatten(self._ensure()(tuple(self.f.unflatten(v))))
+        if self._graph is None:
+            self._build()
+        tangents = tuple(self.f.unflatten(v))
+        if self._restore is None:  # first replay: find the constants that replays overwrite
+            snapshots = [t.detach().clone() for t in self._constants]
+            out = self._graph(*tangents)
+            self._restore = [
+                (t, snap) for t, snap in zip(self._constants, snapshots) if not torch.equal(t, snap)
+            ]
+            for t, snap in self._restore:
+                t.detach().copy_(snap)
+            return self.f.flatten(out)
+        for t, snap in self._restore:
+            t.detach().copy_(snap)
+        return self.f.flatten(self._graph(*tangents))
 
     def _block(self, V: Tensor) -> Tensor:
-        jvp_fn = self._ensure()
-        f = self.f
-        return vmap(lambda v: f.flatten(jvp_fn(tuple(f.unflatten(v)))), in_dims=1, out_dims=1)(V)
+        return torch.stack([self.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
 
     def release(self) -> None:
-        self._jvp_fn = None
+        self._graph = None
+        self._restore = None
+        self._constants = []
 
 
 class DoubleBackward(ProductEngine):

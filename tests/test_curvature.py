@@ -1,0 +1,592 @@
+"""sdopt.curvature against independent ground truth, in float64.
+
+Ground truth: dense ``torch.func.hessian`` of the functional loss, closed forms (least squares,
+logistic regression), ``Jᵀ H J`` from dense Jacobians, third derivatives from nested ``jacfwd``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import hessian, jacfwd, jacrev
+
+from sdopt import GGNOperator, HessianOperator, hvp
+from sdopt.curvature import (
+    MODES,
+    CurvatureFallbackWarning,
+    default_mode,
+    make_functional_loss,
+)
+from sdopt.tasks.grokking import GrokkingTransformer
+
+DT = torch.float64
+EXACT_MODES = ["reuse", "fwd-rev", "rev-rev", "double-backward", "linearize", "auto", "autotune"]
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def dense_hessian(f) -> torch.Tensor:
+    """Dense Hessian of a FunctionalLoss over its flat parameter vector (torch.func.hessian)."""
+    params = f.params
+
+    def flat_loss(theta):
+        return f(tuple(f.unflatten(theta)))
+
+    return hessian(flat_loss)(f.flatten(params))
+
+
+# --------------------------------------------------------------------------- models
+def make_mlp(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    x = torch.randn(16, 4, generator=_gen(1), dtype=DT)
+    y = torch.randint(0, 3, (16,), generator=_gen(2))
+    return model, F.cross_entropy, (x, y)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.bn = nn.BatchNorm2d(2)
+        self.fc = nn.Linear(2 * 3 * 3, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.bn(self.conv(x))).flatten(1))
+
+
+def make_cnn(seed=0):
+    torch.manual_seed(seed)
+    model = SmallCNN().to(DT).train()
+    x = torch.randn(8, 1, 5, 5, generator=_gen(3), dtype=DT)
+    y = torch.randint(0, 3, (8,), generator=_gen(4))
+    return model, F.cross_entropy, (x, y)
+
+
+def make_transformer(seed=0):
+    torch.manual_seed(seed)
+    model = GrokkingTransformer(vocab_size=6, num_classes=5, d_model=8, num_heads=2, d_mlp=8).to(DT)
+    x = torch.randint(0, 5, (10, 3), generator=_gen(5))
+    x[:, -1] = 5
+    y = torch.randint(0, 5, (10,), generator=_gen(6))
+    return model, F.cross_entropy, (x, y)
+
+
+class TinyAttention(nn.Module):
+    """Causal self-attention classifier; ``sdpa=True`` uses the fused kernel."""
+
+    def __init__(self, sdpa: bool, d=4, heads=2):
+        super().__init__()
+        self.sdpa, self.heads = sdpa, heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if self.sdpa:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
+            mask = torch.ones(t, t, dtype=torch.bool).tril()
+            z = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+        return self.out(z.transpose(1, 2).reshape(b, t, d)[:, -1])
+
+
+MODELS = {"mlp": make_mlp, "cnn_batchnorm": make_cnn, "transformer": make_transformer}
+
+
+def cnn_reference_loss(model, data):
+    """The CNN's loss written out by hand (BatchNorm with batch statistics), θ flat.
+
+    Used as ground truth because ``torch.func.hessian`` (and ``jacrev(jacrev)``,
+    ``jacfwd(jacfwd)``) return a wrong, non-symmetric Hessian through training-mode
+    ``batch_norm`` in torch 2.13, whereas every sdopt mode agrees with this and with
+    finite differences.
+    """
+    x, y = data
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+
+    def loss(theta):
+        cw, cb, gamma, beta, fw, fb = (t.view(s) for t, s in zip(theta.split(sizes), shapes))
+        h = F.conv2d(x, cw, cb)
+        mu = h.mean((0, 2, 3), keepdim=True)
+        var = h.var((0, 2, 3), unbiased=False, keepdim=True)
+        h = (h - mu) / torch.sqrt(var + 1e-5) * gamma.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
+        return F.cross_entropy(torch.tanh(h).flatten(1) @ fw.T + fb, y)
+
+    return loss
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def problem(request):
+    model, loss_fn, data = MODELS[request.param]()
+    f = make_functional_loss(model, loss_fn, data)
+    if request.param == "cnn_batchnorm":
+        H = hessian(cnn_reference_loss(model, data))(f.flatten(f.params))
+    else:
+        H = dense_hessian(f)
+    V = torch.randn(f.dim, 2, generator=_gen(7), dtype=DT)
+    return request.param, model, loss_fn, data, H, V
+
+
+# --------------------------------------------------------------------------- every mode vs dense
+@pytest.mark.parametrize(
+    ("mode", "vectorize"),
+    [(mode, False) for mode in EXACT_MODES]
+    + [(mode, True) for mode in ("reuse", "fwd-rev", "rev-rev", "double-backward")],
+)
+def test_exact_modes_match_dense_hessian(problem, mode, vectorize):
+    _, model, loss_fn, data, H, V = problem
+    op = HessianOperator(model, loss_fn, data, mode=mode, vectorize=vectorize, chunk_size=2)
+    scale = H.abs().max()
+    torch.testing.assert_close(op.matmat(V), H @ V, atol=1e-8 * scale, rtol=0)
+    torch.testing.assert_close(op.matvec(V[:, 0]), H @ V[:, 0], atol=1e-8 * scale, rtol=0)
+    assert op.num_products == V.shape[1] + 1
+    tuning = {"autotune"} if mode == "autotune" else set()
+    assert op.mode in {"reuse", "fwd-rev", "rev-rev", "double-backward", "linearize"} | tuning
+
+
+def test_finite_difference_matches_dense_hessian(problem):
+    """Central differences: error O(ε^{2/3}) relative; stated tolerance 1e-6 of ‖H‖."""
+    _, model, loss_fn, data, H, V = problem
+    op = HessianOperator(model, loss_fn, data, mode="finite-difference")
+    assert op.mode == "finite-difference"
+    err = (op.matmat(V) - H @ V).abs().max()
+    assert err <= 1e-6 * H.abs().max() * V.abs().max()
+
+
+def test_to_dense_and_matmul_operator(problem):
+    name, model, loss_fn, data, H, _ = problem
+    if name != "mlp":
+        pytest.skip("dense matrix checked on the smallest model (products cover the others)")
+    op = HessianOperator(model, loss_fn, data)
+    torch.testing.assert_close(op.to_dense(), H, atol=1e-10, rtol=0)
+    assert op.shape == H.shape and op.num_products == H.shape[0]
+    v = torch.ones(op.dim, dtype=DT)
+    torch.testing.assert_close(op @ v, H @ v, atol=1e-10, rtol=0)
+
+
+# --------------------------------------------------------------------------- closed forms
+def test_least_squares_closed_form():
+    """F.mse_loss (mean over N samples, one output): H = 2/N XᵀX; with reduction='sum', 2XᵀX."""
+    x = torch.randn(40, 5, generator=_gen(8), dtype=DT)
+    y = torch.randn(40, 1, generator=_gen(9), dtype=DT)
+    model = nn.Linear(5, 1, bias=False).to(DT)
+    op = HessianOperator(model, F.mse_loss, (x, y))
+    torch.testing.assert_close(op.to_dense(), 2 / 40 * x.T @ x, atol=1e-12, rtol=1e-12)
+    op_sum = HessianOperator(model, lambda o, t: F.mse_loss(o, t, reduction="sum"), (x, y))
+    torch.testing.assert_close(op_sum.to_dense(), 2 * x.T @ x, atol=1e-10, rtol=1e-12)
+
+
+def test_logistic_regression_closed_form():
+    """Binary cross-entropy with logits, mean: H = 1/N Xᵀ diag(s(1−s)) X, s = σ(Xw)."""
+    x = torch.randn(50, 4, generator=_gen(10), dtype=DT)
+    y = torch.randint(0, 2, (50, 1), generator=_gen(11)).to(DT)
+    model = nn.Linear(4, 1, bias=False).to(DT)
+    s = torch.sigmoid(x @ model.weight.detach().T).squeeze(1)
+    expected = x.T @ torch.diag(s * (1 - s)) @ x / 50
+    for mode in ("reuse", "fwd-rev", "rev-rev", "linearize"):
+        op = HessianOperator(model, F.binary_cross_entropy_with_logits, (x, y), mode=mode)
+        torch.testing.assert_close(op.to_dense(), expected, atol=1e-12, rtol=1e-12)
+
+
+def test_multiple_batches_average():
+    model, loss_fn, (x, y) = make_mlp()
+    batches = [(x[:8], y[:8]), (x[8:], y[8:])]
+    V = torch.randn(
+        make_functional_loss(model, loss_fn, (x, y)).dim, 2, generator=_gen(12), dtype=DT
+    )
+    parts = [HessianOperator(model, loss_fn, b).matmat(V) for b in batches]
+    whole = HessianOperator(model, loss_fn, (x, y)).matmat(V)  # equal halves, mean loss
+    for mode in ("reuse", "fwd-rev", "double-backward", "rev-rev"):
+        op = HessianOperator(model, loss_fn, batches, mode=mode)
+        torch.testing.assert_close(op.matmat(V), (parts[0] + parts[1]) / 2, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(op.matmat(V), whole, atol=1e-12, rtol=1e-10)
+    loss, grad = HessianOperator(model, loss_fn, batches).loss_and_gradient()
+    loss_whole, grad_whole = HessianOperator(model, loss_fn, (x, y)).loss_and_gradient()
+    torch.testing.assert_close(loss, loss_whole)
+    torch.testing.assert_close(grad, grad_whole)
+
+
+# --------------------------------------------------------------------------- parameters
+def test_frozen_parameters_are_excluded():
+    model, loss_fn, data = make_mlp()
+    full = dense_hessian(make_functional_loss(model, loss_fn, data))
+    model[0].weight.requires_grad_(False)
+    op = HessianOperator(model, loss_fn, data)
+    assert op.names == ["0.bias", "2.weight", "2.bias"]
+    assert op.dim == 6 + 18 + 3
+    keep = torch.arange(24, full.shape[0])  # drop the 24 entries of 0.weight
+    torch.testing.assert_close(op.to_dense(), full[keep][:, keep], atol=1e-10, rtol=0)
+
+
+class TiedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+        self.hidden = nn.Linear(3, 3)
+        self.unembed = nn.Linear(3, 5, bias=False)
+        self.unembed.weight = self.embed.weight  # tied
+
+    def forward(self, tokens):
+        return self.unembed(torch.tanh(self.hidden(self.embed(tokens))))
+
+
+def test_tied_weights_counted_once():
+    torch.manual_seed(0)
+    model = TiedModel().to(DT)
+    tokens = torch.randint(0, 5, (12,), generator=_gen(13))
+    targets = torch.randint(0, 5, (12,), generator=_gen(14))
+    op = HessianOperator(model, F.cross_entropy, (tokens, targets))
+    assert op.dim == 15 + 9 + 3 and op.names == ["embed.weight", "hidden.weight", "hidden.bias"]
+
+    def loss(theta):  # the shared matrix E enters twice: embedding and unembedding
+        E, W, b = theta[:15].view(5, 3), theta[15:24].view(3, 3), theta[24:]
+        return F.cross_entropy(torch.tanh(E[tokens] @ W.T + b) @ E.T, targets)
+
+    theta = torch.cat([p.detach().reshape(-1) for p in op.params])
+    torch.testing.assert_close(op.to_dense(), hessian(loss)(theta), atol=1e-10, rtol=0)
+
+
+def test_float32_and_loss_and_gradient():
+    model, loss_fn, (x, y) = make_mlp()
+    model = model.float()
+    op = HessianOperator(model, loss_fn, (x.float(), y))
+    assert op.dtype == torch.float32 and op.device == torch.device("cpu")
+    out = op.matvec(torch.ones(op.dim))
+    assert out.dtype == torch.float32
+    loss, grad = op.loss_and_gradient()  # from the reused graph
+    expected = torch.autograd.grad(loss_fn(model(x.float()), y), list(model.parameters()))
+    torch.testing.assert_close(grad, torch.cat([g.reshape(-1) for g in expected]))
+    torch.testing.assert_close(loss, loss_fn(model(x.float()), y).detach())
+    assert all(p.grad is None for p in model.parameters())
+    assert op.unflatten(grad)[0].shape == model[0].weight.shape
+    torch.testing.assert_close(op.flatten(op.unflatten(grad)), grad)
+
+
+def test_hvp_one_shot():
+    model, loss_fn, data = make_mlp()
+    H = dense_hessian(make_functional_loss(model, loss_fn, data))
+    v = torch.randn(H.shape[0], generator=_gen(15), dtype=DT)
+    torch.testing.assert_close(hvp(model, loss_fn, data, v), H @ v, atol=1e-10, rtol=0)
+    torch.testing.assert_close(hvp(model, loss_fn, data, v[:, None], mode="fwd-rev")[:, 0], H @ v)
+
+
+def test_default_mode_rule():
+    assert default_mode("cpu") == "reuse"
+    assert default_mode("cuda") == "autotune"
+    model, loss_fn, data = make_mlp()
+    assert HessianOperator(model, loss_fn, data).mode == "reuse"
+
+
+def test_autotune_keeps_a_measured_mode():
+    model, loss_fn, data = make_mlp()
+    op = HessianOperator(model, loss_fn, data, mode="autotune")
+    H = dense_hessian(op.functional)
+    V = torch.randn(op.dim, 8, generator=_gen(16), dtype=DT)
+    torch.testing.assert_close(op.matmat(V), H @ V, atol=1e-10, rtol=0)
+    engine = op._engine
+    assert set(engine.timings) == {"reuse", "fwd-rev", "rev-rev"}
+    assert op.mode == min(engine.timings, key=engine.timings.get)
+
+
+# --------------------------------------------------------------------------- functional loss
+def test_functional_loss_third_derivative():
+    """D³L[u, u, ·] by double backward through uᵀH(θ)u equals the dense third-derivative tensor."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).to(DT)
+    x = torch.randn(6, 2, generator=_gen(17), dtype=DT)
+    y = torch.randn(6, 1, generator=_gen(18), dtype=DT)
+    f = make_functional_loss(model, F.mse_loss, (x, y))
+    theta = f.flatten(f.params)
+
+    def flat(t):
+        return f(tuple(f.unflatten(t)))
+
+    T = jacfwd(jacfwd(jacrev(flat)))(theta)
+    u = torch.randn(f.dim, generator=_gen(19), dtype=DT)
+    q = theta.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(flat(q), q, create_graph=True)
+    (hu,) = torch.autograd.grad(g, q, u, create_graph=True)
+    (third,) = torch.autograd.grad(hu @ u, q)
+    torch.testing.assert_close(third, torch.einsum("ijk,i,j->k", T, u, u), atol=1e-10, rtol=0)
+
+
+# --------------------------------------------------------------------------- state restoration
+class Messy(nn.Module):
+    """BatchNorm and dropout, both in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.drop = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.tanh(self.bn(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("mode", [*MODES, "finite-difference"])
+def test_state_is_restored(mode):
+    torch.manual_seed(0)
+    model = Messy().to(DT).train()
+    model.fc2.eval()  # a mixed flag pattern must survive too
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    x = torch.randn(10, 4, generator=_gen(20), dtype=DT)
+    y = torch.randint(0, 3, (10,), generator=_gen(21))
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    flags = {n: m.training for n, m in model.named_modules()}
+    rng = torch.get_rng_state()
+    for dropout in ("off", "fixed"):
+        op = HessianOperator(model, F.cross_entropy, (x, y), mode=mode, dropout=dropout)
+        op.matmat(torch.ones(op.dim, 2, dtype=DT))
+        op.loss_and_gradient()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    assert model.bn.track_running_stats
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), params[n]) and torch.equal(p.grad, torch.full_like(p, 7.0))
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), n
+
+
+def test_dropout_off_is_eval_behaviour_and_fixed_is_deterministic():
+    torch.manual_seed(0)
+    model = Messy().to(DT)
+    model.bn = nn.Identity()
+    x = torch.randn(10, 4, generator=_gen(22), dtype=DT)
+    y = torch.randint(0, 3, (10,), generator=_gen(23))
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, generator=_gen(24), dtype=DT)
+    model.train()
+    off = HessianOperator(model, F.cross_entropy, (x, y)).matmat(V)
+    model.eval()
+    evaluated = HessianOperator(model, F.cross_entropy, (x, y)).matmat(V)
+    torch.testing.assert_close(off, evaluated, atol=1e-12, rtol=0)
+    model.train()
+    ops = [
+        HessianOperator(model, F.cross_entropy, (x, y), dropout="fixed", dropout_seed=3, mode=m)
+        for m in ("reuse", "fwd-rev", "rev-rev")
+    ]
+    outs = [op.matmat(V) for op in ops]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=1e-12, rtol=0)
+    assert (outs[0] - off).abs().max() > 1e-6  # masks really applied
+    torch.manual_seed(3)  # the same mask the operator used: dense truth with that fixed mask
+    mask = F.dropout(torch.ones(10, 6, dtype=DT), 0.5, training=True)
+    f = make_functional_loss(model, F.cross_entropy, (x, y))
+
+    def masked_loss(theta):
+        w1, b1, w2, b2 = f.unflatten(theta)
+        return F.cross_entropy((torch.tanh(x @ w1.T + b1) * mask) @ w2.T + b2, y)
+
+    H = hessian(masked_loss)(f.flatten(f.params))
+    torch.testing.assert_close(outs[0], H @ V, atol=1e-10, rtol=0)
+
+
+def test_batchnorm_uses_batch_statistics_in_training_and_running_in_eval():
+    model, loss_fn, data = make_cnn()
+    model.bn.running_mean.fill_(0.3)
+    V = torch.randn(HessianOperator(model, loss_fn, data).dim, 1, generator=_gen(25), dtype=DT)
+    train = HessianOperator(model, loss_fn, data).matmat(V)
+    model.eval()
+    evaluated = HessianOperator(model, loss_fn, data).matmat(V)
+    model.train()
+    assert (train - evaluated).abs().max() > 1e-6
+    assert torch.all(model.bn.running_mean == 0.3) and int(model.bn.num_batches_tracked) == 0
+
+
+# --------------------------------------------------------------------------- fallback
+def test_fallback_from_fused_attention_warns_and_stays_correct():
+    torch.manual_seed(0)
+    fused, einsum = TinyAttention(sdpa=True).to(DT), TinyAttention(sdpa=False).to(DT)
+    einsum.load_state_dict(fused.state_dict())
+    x = torch.randn(6, 3, 4, generator=_gen(26), dtype=DT)
+    y = torch.randint(0, 3, (6,), generator=_gen(27))
+    H = dense_hessian(make_functional_loss(einsum, F.cross_entropy, (x, y)))
+    op = HessianOperator(fused, F.cross_entropy, (x, y))
+    v = torch.randn(op.dim, generator=_gen(28), dtype=DT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = op.matvec(v)
+    messages = [str(w.message) for w in caught if w.category is CurvatureFallbackWarning]
+    assert (
+        "mode 'reuse' is not supported" in messages[0]
+        and "falling back to 'fwd-rev'" in messages[0]
+    )
+    assert "falling back to 'finite-difference'" in messages[-1]
+    assert op.mode == "finite-difference"
+    assert (out - H @ v).abs().max() <= 1e-6 * H.abs().max() * v.abs().max()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        op.matvec(v)  # later products use the fallback directly, without warning again
+
+
+def test_fallback_disabled_raises():
+    torch.manual_seed(0)
+    model = TinyAttention(sdpa=True).to(DT)
+    data = (torch.randn(4, 3, 4, dtype=DT), torch.tensor([0, 1, 2, 0]))
+    op = HessianOperator(model, F.cross_entropy, data, fallback=False)
+    with pytest.raises(RuntimeError, match=r"derivative for .* is not implemented"):
+        op.matvec(torch.ones(op.dim, dtype=DT))
+
+
+# --------------------------------------------------------------------------- GGN
+def _dense_ggn(model, loss_fn, x, y):
+    f = make_functional_loss(model, loss_fn, (x, y))
+    theta = f.flatten(f.params)
+    z = model(x).detach()
+    J = jacrev(lambda t: f.batch_outputs(tuple(f.unflatten(t)), 0))(theta).reshape(z.numel(), -1)
+    Hz = hessian(lambda zz: loss_fn(zz.view_as(z), y))(z.reshape(-1))
+    return J.T @ Hz @ J
+
+
+@pytest.mark.parametrize("mode", ["reuse", "fwd-rev"])
+@pytest.mark.parametrize("loss", ["auto", "closed"])
+@pytest.mark.parametrize("kind", ["cross_entropy", "mse"])
+def test_ggn_matches_dense_jt_h_j(kind, loss, mode):
+    model, _, (x, y) = make_mlp()
+    loss_fn = F.cross_entropy
+    if kind == "mse":
+        loss_fn, y = F.mse_loss, torch.randn(16, 3, generator=_gen(29), dtype=DT)
+    expected = _dense_ggn(model, loss_fn, x, y)
+    op = GGNOperator(model, loss_fn, (x, y), loss=kind if loss == "closed" else "auto", mode=mode)
+    G = op.to_dense()
+    torch.testing.assert_close(G, expected, atol=1e-10, rtol=0)
+    assert torch.linalg.eigvalsh(G).min() >= -1e-10  # positive semi-definite
+
+
+def test_ggn_equals_hessian_for_linear_least_squares():
+    x = torch.randn(30, 3, generator=_gen(30), dtype=DT)
+    y = torch.randn(30, 2, generator=_gen(31), dtype=DT)
+    model = nn.Linear(3, 2).to(DT)
+    batches = [(x[:15], y[:15]), (x[15:], y[15:])]
+    G = GGNOperator(model, F.mse_loss, batches, loss="mse").to_dense()
+    torch.testing.assert_close(
+        G, HessianOperator(model, F.mse_loss, batches).to_dense(), atol=1e-12, rtol=0
+    )
+
+
+# --------------------------------------------------------------------------- errors
+def _op():
+    model, loss_fn, data = make_mlp()
+    return HessianOperator(model, loss_fn, data)
+
+
+def test_error_non_scalar_loss():
+    model, _, data = make_mlp()
+    op = HessianOperator(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), data)
+    with pytest.raises(
+        ValueError, match=r"Invalid loss_fn: returned \(16,\) \(must return a scalar"
+    ):
+        op.matvec(torch.ones(op.dim, dtype=DT))
+
+
+def test_error_no_trainable_parameters():
+    model, loss_fn, data = make_mlp()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="has no trainable parameters"):
+        HessianOperator(model, loss_fn, data)
+
+
+def test_error_wrong_vector_shape():
+    op = _op()
+    with pytest.raises(ValueError, match=r"Invalid v: shape \(5,\) \(must be \(51,\)\)"):
+        op.matvec(torch.ones(5, dtype=DT))
+    with pytest.raises(ValueError, match=r"Invalid V: shape \(51,\) \(must be \(51, m\)"):
+        op.matmat(torch.ones(51, dtype=DT))
+    with pytest.raises(ValueError, match=r"Invalid V: shape \(51, 0\)"):
+        op.matmat(torch.ones(51, 0, dtype=DT))
+    with pytest.raises(ValueError, match="Invalid v: list"):
+        op.matvec([1.0] * 51)
+
+
+def test_error_wrong_vector_dtype():
+    with pytest.raises(
+        ValueError, match=r"Invalid v: dtype torch\.float32 \(must be torch\.float64"
+    ):
+        _op().matvec(torch.ones(51))
+
+
+def test_error_wrong_vector_device():
+    with pytest.raises(ValueError, match="Invalid v: device meta \\(must be cpu"):
+        _op().matvec(torch.ones(51, dtype=DT, device="meta"))
+
+
+def test_error_non_finite_vector():
+    v = torch.ones(51, dtype=DT)
+    v[3] = float("nan")
+    with pytest.raises(ValueError, match="Invalid v: contains NaN or inf"):
+        _op().matvec(v)
+
+
+def test_error_nan_in_product_raises_floating_point_error():
+    model, loss_fn, data = make_mlp()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    before = model[0].weight.detach().clone()
+    for mode in ("reuse", "fwd-rev", "finite-difference"):
+        op = HessianOperator(model, loss_fn, data, mode=mode)
+        with pytest.raises(FloatingPointError, match="product is not finite"):
+            op.matvec(torch.ones(op.dim, dtype=DT))
+    torch.testing.assert_close(model[0].weight.detach(), before, rtol=0, atol=0, equal_nan=True)
+
+
+def test_error_bad_mode_and_options():
+    model, loss_fn, data = make_mlp()
+    with pytest.raises(ValueError, match="Invalid mode: 'fast'"):
+        HessianOperator(model, loss_fn, data, mode="fast")
+    with pytest.raises(ValueError, match="Invalid dropout: 'random'"):
+        HessianOperator(model, loss_fn, data, dropout="random")
+    with pytest.raises(ValueError, match="Invalid chunk_size: 0"):
+        HessianOperator(model, loss_fn, data, chunk_size=0)
+    with pytest.raises(ValueError, match="Invalid vectorize: 'yes'"):
+        HessianOperator(model, loss_fn, data, vectorize="yes")
+    with pytest.raises(
+        ValueError, match=r"Invalid distributed: True \(torch\.distributed is not initialised"
+    ):
+        HessianOperator(model, loss_fn, data, distributed=True)
+    with pytest.raises(ValueError, match="Invalid loss: 'hinge'"):
+        GGNOperator(model, loss_fn, data, loss="hinge")
+    with pytest.raises(ValueError, match="Invalid mode: 'rev-rev'"):
+        GGNOperator(model, loss_fn, data, mode="rev-rev")
+    with pytest.raises(ValueError, match="Invalid model: int"):
+        HessianOperator(3, loss_fn, data)
+
+
+def test_error_empty_or_malformed_data():
+    model, loss_fn, _ = make_mlp()
+    with pytest.raises(ValueError, match="Invalid data: an empty sequence"):
+        HessianOperator(model, loss_fn, [])
+    with pytest.raises(ValueError, match="Invalid data: None"):
+        HessianOperator(model, loss_fn, None)
+    with pytest.raises(ValueError, match=r"Invalid data\[1\]: Tensor \(each batch must be an"):
+        pair = (torch.ones(2, 4, dtype=DT), torch.zeros(2, dtype=torch.long))
+        HessianOperator(model, loss_fn, [pair, torch.ones(3), pair])
+
+
+def test_error_dense_size_guard():
+    with pytest.raises(ValueError, match="Invalid max_dim: 10 \\(the operator has dim=51"):
+        _op().to_dense(max_dim=10)
+
+
+def test_error_stale_operator_after_in_place_update():
+    model, loss_fn, data = make_mlp()
+    op = HessianOperator(model, loss_fn, data)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    with pytest.raises(
+        RuntimeError, match="modified in place after the curvature operator was built"
+    ):
+        op.matvec(torch.ones(op.dim, dtype=DT))
