@@ -563,7 +563,7 @@ class SDOptimizer(torch.optim.Optimizer):
         """Run the curvature engine on ``batch``; return plain numbers plus the spectrum."""
         # Dense path (exact, small models only) until sdopt.spectrum and the estimators land.
         from sdopt.curvature import HessianOperator
-        from sdopt.dimension import sharpness_dimension
+        from sdopt.dimension import kaplan_yorke_dimension, lyapunov_exponents
 
         op = HessianOperator(self.model, self.loss_fn, batch, dropout=self.dropout)
         loss, _ = op.loss_and_gradient()
@@ -574,6 +574,12 @@ class SDOptimizer(torch.optim.Optimizer):
         evals, evecs = evals.flip(0), evecs.flip(1)
         lr = self.reference_lr()
         full = evals.detach().double()
+        emap = self.exponent_map
+        beta = self._momentum() if emap != "gd" else 0.0
+
+        def sharpness_dimension(ev: Tensor, eta: float) -> float:
+            return kaplan_yorke_dimension(lyapunov_exponents(ev, eta, map=emap, momentum=beta))
+
         return {
             "loss": float(loss),
             "eigenvalues": [float(x) for x in full[: self.k]],

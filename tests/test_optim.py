@@ -527,3 +527,145 @@ def test_cannot_wrap_itself() -> None:
     opt = SDOptimizer(base, **kwargs)
     with pytest.raises(ValueError, match="Invalid base_optimizer: SDOptimizer"):
         SDOptimizer(opt, **kwargs)
+
+
+# --- lr mode on a quadratic with a known Hessian -----------------------------------------------
+
+
+class _Quadratic(nn.Module):
+    """``L(w) = ½ wᵀ A w`` with ``A = Q diag(α) Qᵀ``: the Hessian is ``A`` everywhere."""
+
+    def __init__(self, alphas: list[float], seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        d = len(alphas)
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        self.register_buffer("A", q @ torch.diag(torch.tensor(alphas, dtype=torch.float64)) @ q.T)
+        self.w = nn.Parameter(torch.randn(d, generator=g, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.w @ self.A @ self.w + 0.0 * x.sum()
+
+
+def _quadratic_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return out
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_lr_mode_keeps_lr_times_lambda_max_below_the_bound(momentum: float) -> None:
+    alphas = [10.0, 5.0, 2.0, 1.0, 0.5, 0.1]
+    batch = (torch.zeros(1), torch.zeros(1))
+
+    def train(wrap: bool):
+        model = _Quadratic(alphas)
+        base = torch.optim.SGD(model.parameters(), lr=1.0, momentum=momentum)
+        opt = base
+        if wrap:
+            opt = SDOptimizer(
+                base,
+                model=model,
+                loss_fn=_quadratic_loss,
+                data=batch,
+                mode="lr",
+                every=5,
+                k=3,
+                exponent_map="momentum" if momentum else "gd",
+            )
+        effective = []
+        base.register_step_pre_hook(lambda o, a, k: effective.append(o.param_groups[0]["lr"]))
+        losses = []
+        for _ in range(60):
+            opt.zero_grad()
+            loss = model(batch[0])
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        return losses, effective, opt
+
+    bare_losses, _, _ = train(False)
+    assert bare_losses[-1] > 1e6  # the user's lr = 1 is far beyond the edge 2/λmax = 0.2
+    losses, effective, opt = train(True)
+    # the bound: GD is stable iff η λmax < 2; heavy ball iff η λmax < 2 (1 + β)
+    bound = 2.0 * (1.0 + momentum)
+    assert all(lr * max(alphas) < bound for lr in effective)
+    assert max(effective) * max(alphas) > 0.95 * bound  # ... and sits at the edge, not far below
+    # at the edge the top direction neither grows nor decays (|z| -> 1): bounded, not divergent
+    assert max(losses) < 10 * losses[0] and all(math.isfinite(x) for x in losses)
+    if momentum == 0.0:
+        assert losses[-1] < losses[0]
+    assert opt.param_groups[0]["lr"] == 1.0  # the user's lr is untouched
+    assert opt.last_estimate.lambda_max == pytest.approx(10.0, rel=1e-6)
+
+
+# --- curvature data and loggers ---------------------------------------------------------------
+
+
+def test_shuffling_loader_as_curvature_data_keeps_monitor_bit_for_bit() -> None:
+    data = _data()
+    ref = _model()
+    torch.manual_seed(5)
+    _train(ref, torch.optim.SGD(ref.parameters(), lr=0.1), data, 12)
+
+    model = _model()
+    x, y = _data(24, seed=9)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True
+    )  # shuffling draws from the global RNG when a new pass starts
+    opt = SDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model=model,
+        loss_fn=F.cross_entropy,
+        data=loader,
+        every=2,
+        k=2,
+    )
+    torch.manual_seed(5)
+    _train(model, opt, data, 12)
+    _assert_equal(_params(model), _params(ref))
+    assert len(opt.history) == 6 and all(r.ok for r in opt.history)
+    assert opt.data.drawn == 3  # 6 draws from 3 batches per pass: two passes
+
+
+def test_callable_curvature_data_is_called_per_estimate() -> None:
+    model = _model(dropout=0.0)
+    calls = []
+
+    def draw():
+        calls.append(1)
+        return _data(8, seed=len(calls))
+
+    opt = SDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model=model,
+        loss_fn=F.cross_entropy,
+        data=draw,
+        every=3,
+        k=2,
+    )
+    _train(model, opt, _data(), 7)
+    assert len(calls) == 3 and len(opt.history) == 3
+
+
+def test_records_go_to_every_logger() -> None:
+    class Sink:
+        def __init__(self):
+            self.records, self.closed = [], False
+
+        def log(self, record):
+            self.records.append(record)
+
+        def close(self):
+            self.closed = True
+
+    a, b = Sink(), Sink()
+    model = _model(dropout=0.0)
+    opt = _sd(model, torch.optim.SGD(model.parameters(), lr=0.1), every=2, loggers=[a, b])
+    _train(model, opt, _data(), 5)
+    opt.close()
+    assert [r.step for r in a.records] == [0, 2, 4] and a.records == b.records == opt.history
+    assert a.closed and b.closed
+    rec = opt.last_estimate
+    assert rec.mode == "monitor" and rec.lr == rec.base_lr == 0.1 and rec.lr_scale == 1.0
+    assert rec.num_products > 0 and rec.seconds > 0 and 0 < rec.overhead_fraction < 1
+    assert rec.edge_ratio == pytest.approx(0.1 * rec.lambda_max / 2)
+    assert rec.eigenvalues[0] == rec.lambda_max and len(rec.eigenvalues) == 2
