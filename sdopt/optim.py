@@ -393,8 +393,10 @@ class SDOptimizer(torch.optim.Optimizer):
                 loss = closure()
         t = self.step_count
         start = time.perf_counter()
-        loss_ok = self._loss_is_finite(loss)
-        if t % self.every == 0:
+        estimate_due = t % self.every == 0
+        penalty_due = self.mode == "penalty" and t % self.penalty_every == 0
+        loss_ok = self._loss_is_finite(loss, agree=estimate_due or penalty_due)
+        if estimate_due:
             self._estimate(t, loss_ok)
         if self.mode == "penalty" and loss_ok:
             self._apply_penalty(t)
@@ -414,12 +416,15 @@ class SDOptimizer(torch.optim.Optimizer):
         self.step_count += 1
         return loss
 
-    def _loss_is_finite(self, loss: Any) -> bool:
-        ok = True
-        if loss is not None:
-            value = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
-            ok = bool(torch.isfinite(value).all())
-        if _dist_initialized():
+    def _loss_is_finite(self, loss: Any, *, agree: bool) -> bool:
+        """Whether the closure's loss is finite; with ``agree`` (an estimate or a penalty
+        recomputation is due) all ranks agree on the answer, so that every rank takes the same
+        branch and the collectives inside the estimate stay matched."""
+        if loss is None:
+            return True
+        value = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
+        ok = bool(torch.isfinite(value).all())
+        if agree and _dist_initialized():
             import torch.distributed as dist
 
             flag = torch.tensor([0.0 if ok else 1.0], device=self._device)
