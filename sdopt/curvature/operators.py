@@ -43,6 +43,11 @@ _FAMILIES = {
 }
 
 
+def _all_finite(x: Tensor) -> bool:
+    """Cheap test first (one reduction; NaN/inf propagate through a sum), exact test if needed."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 class CurvatureFallbackWarning(UserWarning):
     """A product mode failed on this model and another one is used instead."""
 
@@ -206,7 +211,7 @@ class CurvatureOperator:
             raise ValueError(
                 f"Invalid {name}: device {v.device} (must be {self.device}, the parameters' device)"
             )
-        if self.check_finite and not bool(torch.isfinite(v).all()):
+        if self.check_finite and not _all_finite(v):
             raise ValueError(f"Invalid {name}: contains NaN or inf")
 
     def _product(self, x: Tensor, block: bool) -> Tensor:
@@ -215,7 +220,7 @@ class CurvatureOperator:
             out = self._run(x, block)
         if self.distributed:
             out = average_across_ranks(out.contiguous())
-        if self.check_finite and not bool(torch.isfinite(out).all()):
+        if self.check_finite and not _all_finite(out):
             raise FloatingPointError(
                 f"{type(self).__name__} product is not finite (NaN or inf) in mode "
                 f"{self.mode!r}: the loss or its derivatives are not finite at these parameters"
