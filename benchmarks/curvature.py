@@ -103,7 +103,13 @@ def bench_blocks(w, grad: float, rounds: int) -> list[dict]:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    """High-water mark of this process's resident memory (``VmHWM``; unlike ``ru_maxrss`` it
+    is not inherited from the parent that spawned the probe)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB, non-Linux
 
 
 def memory_probe(workload: str, mode: str) -> None:

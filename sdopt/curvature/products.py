@@ -80,13 +80,19 @@ class ProductEngine:
     def matvec(self, v: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _columns(self, V: Tensor) -> Tensor:
+        """Column by column, each column made contiguous first (strided columns of a
+        ``(dim, m)`` block would make every kernel of the product read strided memory)."""
+        rows = V.t().contiguous()
+        return torch.stack([self.matvec(row) for row in rows], dim=1)
+
     def _block(self, V: Tensor) -> Tensor:
         """A vectorised block product (``vectorize=True``); default: column by column."""
-        return torch.stack([self.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+        return self._columns(V)
 
     def matmat(self, V: Tensor) -> Tensor:
         if not self.vectorize or V.shape[1] == 1:
-            return torch.stack([self.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+            return self._columns(V)
         step = self.chunk_size or V.shape[1]
         return torch.cat(
             [self._block(V[:, j : j + step]) for j in range(0, V.shape[1], step)], dim=1
@@ -218,7 +224,7 @@ class Linearize(ProductEngine):
         return self.f.flatten(self._graph(*tangents))
 
     def _block(self, V: Tensor) -> Tensor:
-        return torch.stack([self.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+        return self._columns(V)
 
     def release(self) -> None:
         self._graph = None
@@ -423,7 +429,7 @@ class Autotune(ProductEngine):
     def matmat(self, V: Tensor) -> Tensor:
         if self.chosen is not None:
             return self.chosen.matmat(V)
-        return torch.stack([self.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+        return self._columns(V)
 
     def release(self) -> None:
         for engine in self._engines.values():
