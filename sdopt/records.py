@@ -47,8 +47,9 @@ class EstimateRecord:
         loss: Training loss on the curvature batch at the estimate.
         num_products: Hessian-vector products (and equivalent gradient evaluations) used.
         seconds: Wall time of the estimate.
-        overhead_fraction: ``seconds`` spent by sdopt since the previous estimate divided by the
-            wall time of that whole interval (estimation + penalty + base steps).
+        overhead_fraction: Over the interval from the previous estimate's start to this one's,
+            the time spent inside sdopt (the previous estimate, penalty gradients) divided by
+            the wall time of the interval (``nan`` for the first estimate).
         method: Estimator name (e.g. ``"topk"``).
         protocol: ``"full-batch"`` or ``"minibatch"``.
         converged: Whether the eigen-solver met its tolerance.
