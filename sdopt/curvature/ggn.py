@@ -153,8 +153,9 @@ class GGNOperator(CurvatureOperator):
     ``matmat``, ``num_products``, ``loss_and_gradient``, ``to_dense``, ...).
 
     Args:
-        model, loss_fn, data: as for :class:`~sdopt.curvature.HessianOperator`; the model must
-            return one tensor.
+        model: any ``nn.Module`` returning one tensor.
+        loss_fn: ``loss_fn(outputs, targets) -> 0-d tensor``.
+        data: one ``(inputs, targets)`` batch or a sequence of them.
         loss: ``"auto"`` (differentiate ``loss_fn``), ``"cross_entropy"`` or ``"mse"`` (closed
             forms for the mean-reduced losses; see the module docstring).
         mode: ``"auto"`` (= ``"reuse"``), ``"reuse"`` or ``"fwd-rev"``; failures fall back to
