@@ -590,3 +590,45 @@ def test_error_stale_operator_after_in_place_update():
         RuntimeError, match="modified in place after the curvature operator was built"
     ):
         op.matvec(torch.ones(op.dim, dtype=DT))
+
+
+# --------------------------------------------------------------------------- misc
+@pytest.mark.parametrize(
+    "mode", ["reuse", "fwd-rev", "rev-rev", "double-backward", "finite-difference"]
+)
+def test_products_work_inside_no_grad(mode):
+    model, loss_fn, data = make_mlp()
+    H = dense_hessian(make_functional_loss(model, loss_fn, data))
+    v = torch.randn(H.shape[0], generator=_gen(40), dtype=DT)
+    with torch.no_grad():
+        out = HessianOperator(model, loss_fn, data, mode=mode).matvec(v)
+    tol = 1e-6 if mode == "finite-difference" else 1e-10
+    torch.testing.assert_close(out, H @ v, atol=tol * H.abs().max() * v.abs().max(), rtol=0)
+
+
+def test_fixed_dropout_vectorised_blocks_use_the_same_masks():
+    torch.manual_seed(0)
+    model = Messy().to(DT).train()
+    model.bn = nn.Identity()
+    data = (
+        torch.randn(10, 4, generator=_gen(41), dtype=DT),
+        torch.randint(0, 3, (10,), generator=_gen(42)),
+    )
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 3, generator=_gen(43), dtype=DT)
+    loop = HessianOperator(model, F.cross_entropy, data, dropout="fixed", mode="fwd-rev").matmat(V)
+    for mode in ("fwd-rev", "reuse"):
+        op = HessianOperator(
+            model, F.cross_entropy, data, dropout="fixed", mode=mode, vectorize=True
+        )
+        torch.testing.assert_close(op.matmat(V), loop, atol=1e-12, rtol=0)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import sdopt.curvature.functional as functional
+    import sdopt.curvature.operators as operators
+
+    for module in (functional, operators):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
