@@ -63,6 +63,8 @@ def _worker(rank: int, port: int, results) -> None:
             out[mode] = (op.matmat(V), op.matvec(V[:, 0]))
         out["loss_grad"] = HessianOperator(model, F.cross_entropy, shard).loss_and_gradient()
         out["ggn"] = GGNOperator(model, F.cross_entropy, shard).matmat(_vectors(op.dim))
+        ddp = nn.parallel.DistributedDataParallel(model)  # unwrapped by the operator
+        out["ddp"] = HessianOperator(ddp, F.cross_entropy, shard).matmat(_vectors(op.dim))
         local = HessianOperator(model, F.cross_entropy, shard, distributed=False)
         out["local"] = local.matmat(_vectors(op.dim))
         results[rank] = out
@@ -97,6 +99,7 @@ def test_distributed_hvp_equals_single_process_on_concatenated_batch():
         expected_loss, expected_grad = op.loss_and_gradient()
         torch.testing.assert_close(loss, expected_loss, atol=1e-12, rtol=0)
         torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=0)
+        torch.testing.assert_close(results[rank]["ddp"], expected, atol=1e-10, rtol=0)
         ggn = GGNOperator(model, F.cross_entropy, data).matmat(V)
         torch.testing.assert_close(results[rank]["ggn"], ggn, atol=1e-10, rtol=0)
     # the shards really differ: without averaging each rank has its own Hessian
