@@ -252,6 +252,26 @@ class FunctionalLoss:
             total = total + self.batch_loss(params, index)
         return total / len(self.batches) if len(self.batches) > 1 else total
 
+    def value_and_gradient(
+        self, params: Sequence[Tensor] | None = None, *, create_graph: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """``(L(params), ∇L(params))`` with the gradient flat, side effects confined.
+
+        Detached unless ``create_graph=True`` (then both stay differentiable in ``params``,
+        which must then be tensors requiring grad, e.g. for third derivatives). Two calls at
+        ``θ ± εu`` give the finite-difference estimate of ``D³L[u, u, ·]`` of THEORY §7.
+        """
+        base = self.params if params is None else tuple(params)
+        leaves = base if create_graph else tuple(p.detach().requires_grad_(True) for p in base)
+        with self.evaluation(), torch.enable_grad():
+            loss = self.loss(leaves)
+            grads = torch.autograd.grad(
+                loss, leaves, create_graph=create_graph, allow_unused=True, materialize_grads=True
+            )
+        if create_graph:
+            return loss, self.flatten(grads)
+        return loss.detach(), self.flatten(grads).detach()
+
     def __call__(self, params: Sequence[Tensor] | None = None) -> Tensor:
         """``L(params)`` (default: the stored parameters), with side effects confined."""
         if params is None:
