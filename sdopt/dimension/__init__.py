@@ -6,6 +6,8 @@ exponent maps, a top-k + bulk estimator, a differentiable surrogate). Submodules
 
 * :mod:`sdopt.dimension.kaplan_yorke` — exact formulas
 * :mod:`sdopt.dimension.exponents` — exponent maps (gd, heavy ball, Adam)
+* :mod:`sdopt.dimension.sketch` — product-free SD from a stored spectrum, for any learning rate
+* :mod:`sdopt.dimension.surrogate` — the differentiable surrogate
 """
 
 from __future__ import annotations
@@ -20,12 +22,18 @@ from sdopt.dimension.kaplan_yorke import (
     sharpness_dimension,
     weighted_kaplan_yorke,
 )
+from sdopt.dimension.sketch import SpectrumSketch, sd_from_spectrum
+from sdopt.dimension.surrogate import smooth_sharpness_dimension, surrogate_weights
 
 __all__ = [
+    "SpectrumSketch",
     "adam_preconditioner",
     "kaplan_yorke_dimension",
     "lyapunov_exponents",
     "preconditioned_operator",
+    "sd_from_spectrum",
     "sharpness_dimension",
+    "smooth_sharpness_dimension",
+    "surrogate_weights",
     "weighted_kaplan_yorke",
 ]
