@@ -22,6 +22,11 @@ from sdopt.dimension.kaplan_yorke import (
     sharpness_dimension,
     weighted_kaplan_yorke,
 )
+from sdopt.dimension.penalty import (
+    penalty_gradient,
+    rayleigh_quotients,
+    sharpness_dimension_penalty,
+)
 from sdopt.dimension.sketch import SpectrumSketch, sd_from_spectrum
 from sdopt.dimension.surrogate import smooth_sharpness_dimension, surrogate_weights
 
@@ -30,9 +35,12 @@ __all__ = [
     "adam_preconditioner",
     "kaplan_yorke_dimension",
     "lyapunov_exponents",
+    "penalty_gradient",
     "preconditioned_operator",
+    "rayleigh_quotients",
     "sd_from_spectrum",
     "sharpness_dimension",
+    "sharpness_dimension_penalty",
     "smooth_sharpness_dimension",
     "surrogate_weights",
     "weighted_kaplan_yorke",
