@@ -45,6 +45,7 @@ __all__ = ["EXPONENT_MAPS", "MODES", "SDOptimizer"]
 
 MODES = ("monitor", "lr", "penalty")
 EXPONENT_MAPS = ("gd", "momentum", "adam")
+ESTIMATORS = ("topk", "exact")
 DEFAULT_EVERY = 100
 DEFAULT_K = 5
 _STATE_VERSION = 1
@@ -153,7 +154,8 @@ class SDOptimizer(torch.optim.Optimizer):
         mode: ``"monitor"``, ``"lr"`` or ``"penalty"``.
         every: Estimate every ``every`` steps (``>= 1``).
         k: Number of top Hessian eigenpairs computed at each estimate (``>= 1``).
-        estimator: Method of :func:`sdopt.dimension.estimate_sharpness_dimension`.
+        estimator: ``"topk"`` (top-``k`` eigenpairs + deflated Hutchinson trace of the bulk) or
+            ``"exact"`` (dense full spectrum; small models). See :meth:`_compute_estimate`.
         exponent_map: ``"gd"`` (the paper's map ``I - ηH``), ``"momentum"`` (heavy ball with
             the base optimizer's momentum / ``betas[0]``) or ``"adam"`` (preconditioned by the
             base optimizer's second-moment estimate).
@@ -217,9 +219,7 @@ class SDOptimizer(torch.optim.Optimizer):
         self.mode = check_choice("mode", mode, MODES)
         self.every = check_int("every", every, minimum=1)
         self.k = check_int("k", k, minimum=1)
-        if not isinstance(estimator, str) or not estimator:
-            raise ValueError(f"Invalid estimator: {estimator!r} (must be a method name)")
-        self.estimator = estimator
+        self.estimator = check_choice("estimator", estimator, ESTIMATORS)
         self.exponent_map = check_choice("exponent_map", exponent_map, EXPONENT_MAPS)
         if controller is None:
             controller = LRControllerConfig()
@@ -564,39 +564,126 @@ class SDOptimizer(torch.optim.Optimizer):
         dist.broadcast(value, src=0)
         return float(value.item())
 
-    def _compute_estimate(self, batch: Any) -> dict[str, Any]:
-        """Run the curvature engine on ``batch``; return plain numbers plus the spectrum."""
-        # Dense path (exact, small models only) until sdopt.spectrum and the estimators land.
+    def _operator(self, batch: Any) -> tuple[Any, Any]:
+        """The Hessian operator on ``batch`` and the operator whose spectrum the exponent map
+        reads (``P^{-1/2} H P^{-1/2}`` for ``exponent_map="adam"``)."""
         from sdopt.curvature import HessianOperator
-        from sdopt.dimension import kaplan_yorke_dimension, lyapunov_exponents
 
         op = HessianOperator(self.model, self.loss_fn, batch, dropout=self.dropout)
-        loss, _ = op.loss_and_gradient()
-        if not torch.isfinite(loss):
-            raise FloatingPointError("non-finite loss on the curvature batch")
-        H = op.to_dense()
-        evals, evecs = torch.linalg.eigh(H)
-        evals, evecs = evals.flip(0), evecs.flip(1)
-        lr = self.reference_lr()
-        full = evals.detach().double()
-        emap = self.exponent_map
-        beta = self._momentum() if emap != "gd" else 0.0
+        if self.exponent_map != "adam":
+            return op, op
+        from sdopt.dimension import adam_preconditioner
+        from sdopt.spectrum import preconditioned
 
-        def sharpness_dimension(ev: Tensor, eta: float) -> float:
-            return kaplan_yorke_dimension(lyapunov_exponents(ev, eta, map=emap, momentum=beta))
+        precond = adam_preconditioner(self.base_optimizer, op.params)
+        return op, preconditioned(op, precond.to(dtype=op.dtype, device=op.device))
+
+    def _sd_kwargs(self) -> dict[str, Any]:
+        beta = self._momentum() if self.exponent_map != "gd" else 0.0
+        return {"exponent_map": self.exponent_map, "momentum": beta}
+
+    def _compute_estimate(self, batch: Any) -> dict[str, Any]:
+        """One estimate on ``batch``: plain numbers, the eigenpairs and an SD predictor.
+
+        ``estimator="topk"``: the top-``k`` eigenpairs by thick-restart Lanczos warm-started
+        from the cached eigenvectors (:func:`sdopt.spectrum.top_eigenpairs`), and the bulk —
+        the other ``d - k`` eigenvalues — summarised by its trace, estimated by Hutchinson on
+        the deflated operator ``(I - VVᵀ) H (I - VVᵀ)`` with ``trace_probes`` probes. The SD is
+        read from that spectrum (``k`` points and the bulk as ``d - k`` eigenvalues at its
+        mean) by :func:`sdopt.dimension.sd_from_spectrum`; its uncertainty is the jackknife
+        over the trace probes. ``estimator="exact"``: the dense Hessian's full spectrum (small
+        models only), the paper's exact method on one batch.
+        """
+        from sdopt.dimension import SpectrumSketch, sd_from_spectrum
+        from sdopt.spectrum import deflated, hutchinson_trace, top_eigenpairs
+
+        op, target = self._operator(batch)
+        loss, _ = op.loss_and_gradient()
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError("non-finite loss on the curvature batch")
+        lr = self.reference_lr()
+        sd_kwargs = self._sd_kwargs()
+        dim = op.dim
+        k = min(self.k, dim)
+        options = dict(self.estimate_kwargs)
+        if self.estimator == "exact":
+            max_dim = int(options.pop("max_dim", 4096))
+            dense = target.to_dense(max_dim=max_dim) if hasattr(target, "to_dense") else None
+            if dense is None:
+                from sdopt.spectrum import as_operator
+
+                eye = torch.eye(dim, dtype=op.dtype, device=op.device)
+                dense = as_operator(target).matmat(eye)
+            evals, evecs = torch.linalg.eigh(0.5 * (dense + dense.T))
+            full = evals.flip(0).double()
+            vectors = evecs.flip(1)[:, :k].contiguous()
+            value, _ = sd_from_spectrum(full, lr, uncertainty=False, **sd_kwargs)
+            trace, uncertainty = float(full.sum()), 0.0
+            top_values = full[:k].clone()
+            sketch: Any = full
+            converged = True
+            products = op.num_products
+        else:
+            probes = int(options.pop("trace_probes", 4))
+            top = top_eigenpairs(
+                target,
+                k,
+                tol=self.tol,
+                init=self._eigenvectors,
+                generator=self.generator,
+                **options,
+            )
+            top_values = top.eigenvalues.detach().double()
+            vectors = top.eigenvectors.detach()
+            bulk_dim = dim - k
+            nodes = top_values
+            weights = torch.ones_like(top_values)
+            uncertainty = 0.0
+            trace = float(top_values.sum())
+            products = top.num_products
+            if bulk_dim > 0:
+                est = hutchinson_trace(deflated(target, vectors), probes, generator=self.generator)
+                products += est.num_products
+                samples = est.samples.double()
+                trace += float(est.value)
+                group_nodes = torch.cat(
+                    [top_values.expand(len(samples), k), (samples / bulk_dim)[:, None]], dim=1
+                )
+                group_weights = torch.cat(
+                    [
+                        torch.ones(len(samples), k, dtype=torch.float64),
+                        torch.full((len(samples), 1), float(bulk_dim), dtype=torch.float64),
+                    ],
+                    dim=1,
+                )
+                if len(samples) > 1:
+                    _, uncertainty = sd_from_spectrum(
+                        SpectrumSketch(group_nodes, group_weights, dim), lr, **sd_kwargs
+                    )
+                nodes = torch.cat([top_values, torch.tensor([est.value / bulk_dim]).double()])
+                weights = torch.cat([weights, torch.tensor([float(bulk_dim)]).double()])
+            sketch = SpectrumSketch(nodes[None, :], weights[None, :], dim)
+            value, _ = sd_from_spectrum(sketch, lr, uncertainty=False, **sd_kwargs)
+            converged = bool(top.converged)
+
+        def predict(eta: float, _sketch: Any = sketch) -> float:
+            return sd_from_spectrum(_sketch, eta, uncertainty=False, **sd_kwargs)[0]
 
         return {
             "loss": float(loss),
-            "eigenvalues": [float(x) for x in full[: self.k]],
-            "eigenvalues_tensor": full[: self.k].clone(),
-            "eigenvectors": evecs[:, : self.k].detach().clone(),
-            "sharpness_dimension": sharpness_dimension(full, lr),
-            "uncertainty": 0.0,
-            "trace": float(full.sum()),
-            "num_products": op.dim,
-            "predict": lambda eta: sharpness_dimension(full, eta),
-            "protocol": "full-batch",
-            "surrogate": 0.0,
+            "eigenvalues": [float(x) for x in top_values],
+            "eigenvalues_tensor": top_values.clone(),
+            "eigenvectors": vectors.clone(),
+            "sharpness_dimension": float(value),
+            "uncertainty": float(uncertainty),
+            "trace": trace,
+            "num_products": int(products),
+            "predict": predict,
+            "protocol": "full-batch" if self.data.kind == "fixed" else "minibatch",
+            "converged": converged,
+            "bulk_dim": float(dim - k),
+            "bulk_trace": trace - float(top_values.sum()),
+            "lr": lr,
         }
 
     def _apply_penalty(self, t: int) -> None:

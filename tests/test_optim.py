@@ -56,7 +56,7 @@ def _train(model, opt, data, steps, *, closure=False, sched=None, start=0):
             return loss
 
         if closure:
-            losses.append(float(opt.step(loss_closure)))
+            losses.append(float(opt.step(loss_closure).detach()))
         else:
             loss = loss_closure()
             opt.step()
@@ -475,7 +475,7 @@ def _ok_kwargs():
         ({"every": 0}, "Invalid every: 0"),
         ({"every": 2.5}, "Invalid every: 2.5"),
         ({"k": 0}, "Invalid k: 0"),
-        ({"estimator": ""}, "Invalid estimator: ''"),
+        ({"estimator": "slq"}, "Invalid estimator: 'slq'"),
         ({"exponent_map": "rmsprop"}, "Invalid exponent_map: 'rmsprop'"),
         ({"target_sd": -1.0}, "Invalid target_sd: -1.0"),
         ({"controller": 3}, "Invalid controller: 3"),
@@ -669,3 +669,58 @@ def test_records_go_to_every_logger() -> None:
     assert rec.num_products > 0 and rec.seconds > 0 and 0 < rec.overhead_fraction < 1
     assert rec.edge_ratio == pytest.approx(0.1 * rec.lambda_max / 2)
     assert rec.eigenvalues[0] == rec.lambda_max and len(rec.eigenvalues) == 2
+
+
+@pytest.mark.parametrize("estimator", ["topk", "exact"])
+def test_estimate_matches_closed_form_spectrum(estimator: str) -> None:
+    from sdopt.dimension import sharpness_dimension
+
+    alphas = [10.0, 5.0, 2.0, 1.0, 0.5, -0.1]
+    model = _Quadratic(alphas)
+    opt = SDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.35),
+        model=model,
+        loss_fn=_quadratic_loss,
+        data=(torch.zeros(1), torch.zeros(1)),
+        every=1,
+        k=6,
+        estimator=estimator,
+        tol=1e-10,
+    )
+    opt.zero_grad()
+    model(torch.zeros(1)).backward()
+    opt.step()
+    rec = opt.last_estimate
+    assert rec.eigenvalues == pytest.approx(alphas, rel=1e-8, abs=1e-10)
+    assert rec.trace == pytest.approx(sum(alphas), rel=1e-8)
+    expected = sharpness_dimension(torch.tensor(alphas, dtype=torch.float64), 0.35)
+    assert 0 < expected < 6
+    assert rec.sharpness_dimension == pytest.approx(expected, rel=1e-6)
+    assert rec.edge_ratio == pytest.approx(0.35 * 10 / 2)
+
+
+def test_topk_bulk_model_uses_the_deflated_trace() -> None:
+    from sdopt.dimension import sharpness_dimension
+
+    alphas = [10.0, 2.0, 2.0, 2.0, 2.0, 2.0]  # bulk exactly at its mean: only the trace is noisy
+    model = _Quadratic(alphas)
+    opt = SDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.25),
+        model=model,
+        loss_fn=_quadratic_loss,
+        data=(torch.zeros(1), torch.zeros(1)),
+        every=1,
+        k=1,
+        tol=1e-10,
+        estimate_kwargs={"trace_probes": 30},
+    )
+    opt.zero_grad()
+    model(torch.zeros(1)).backward()
+    opt.step()
+    rec = opt.last_estimate
+    assert rec.lambda_max == pytest.approx(10.0, rel=1e-8)
+    assert rec.trace == pytest.approx(20.0, rel=5e-2)  # unbiased: 30 probes of 2 (I - vvᵀ)
+    expected = sharpness_dimension(torch.tensor(alphas, dtype=torch.float64), 0.25)
+    assert 1 < expected < 6
+    assert 0 < rec.uncertainty < 0.3
+    assert rec.sharpness_dimension == pytest.approx(expected, abs=4 * rec.uncertainty)
