@@ -589,6 +589,8 @@ def train(
         start_step = int(ckpt["step"])
         elapsed_before = float(ckpt["elapsed_seconds"])
         rows = list(ckpt["metrics"])
+        if rows and rows[-1]["step"] == start_step and start_step % config.eval_every:
+            rows.pop()  # the closing evaluation of a shorter run: not on this run's schedule
 
     writer = None
     if out_dir is not None:
@@ -701,6 +703,9 @@ def train(
         if rows[-1]["step"] != step:
             evaluate(step)
         save_checkpoint(step)
+    except KeyboardInterrupt:
+        save_checkpoint(step)  # resume later with the same out_dir and resume=True
+        raise
     finally:
         progress.close()
         if writer is not None:
