@@ -298,6 +298,9 @@ class SDOptimizer(torch.optim.Optimizer):
         self._eigenvalues: Tensor | None = None
         self._eigenvectors: Tensor | None = None
         self._penalty_grad: Tensor | None = None
+        self._directions: Tensor | None = None  # P^{-1/2} v_i for the adam map
+        self._penalty_batch: Any = None  # the curvature batch of the last estimate
+        self._bulk: tuple[float, float] = (0.0, 0.0)  # (bulk_dim, bulk_trace) of the last estimate
         self._spectrum: Any = None  # the last estimate object, for predictions (not saved)
         self._sdopt_seconds = 0.0  # sdopt's own time since the last estimate started
         self._interval_start: float | None = None  # when the last estimate started
@@ -521,15 +524,30 @@ class SDOptimizer(torch.optim.Optimizer):
             predicted = self.controller_state.predicted_sd
         self._eigenvalues = result["eigenvalues_tensor"]
         self._eigenvectors = result["eigenvectors"]
+        self._directions = result.get("directions")
+        self._bulk = (result["bulk_dim"], result["bulk_trace"])
+        self._penalty_batch = batch if self.mode == "penalty" else None
         self._spectrum = result
         seconds = time.perf_counter() - start
         lam_max = result["eigenvalues"][0]
         lr = base_lr * self.lr_scale
         penalty = math.nan
         if self.mode == "penalty":
-            penalty = penalty_weight(t, self.penalty_strength, self.penalty_warmup) * result.get(
-                "surrogate", math.nan
-            )
+            from sdopt.dimension import smooth_sharpness_dimension
+
+            try:
+                surrogate = float(
+                    smooth_sharpness_dimension(
+                        self._eigenvalues,
+                        lr,
+                        temperature=self.penalty_temperature,
+                        bulk_dim=self._bulk[0],
+                        bulk_trace=self._bulk[1],
+                    )
+                )
+            except ValueError:
+                surrogate = math.nan
+            penalty = penalty_weight(t, self.penalty_strength, self.penalty_warmup) * surrogate
         self._emit(
             EstimateRecord(
                 step=t,
@@ -564,19 +582,20 @@ class SDOptimizer(torch.optim.Optimizer):
         dist.broadcast(value, src=0)
         return float(value.item())
 
-    def _operator(self, batch: Any) -> tuple[Any, Any]:
-        """The Hessian operator on ``batch`` and the operator whose spectrum the exponent map
-        reads (``P^{-1/2} H P^{-1/2}`` for ``exponent_map="adam"``)."""
+    def _operator(self, batch: Any) -> tuple[Any, Any, Tensor | None]:
+        """The Hessian operator on ``batch``, the operator whose spectrum the exponent map reads
+        (``P^{-1/2} H P^{-1/2}`` for ``exponent_map="adam"``) and ``P`` (or ``None``)."""
         from sdopt.curvature import HessianOperator
 
         op = HessianOperator(self.model, self.loss_fn, batch, dropout=self.dropout)
         if self.exponent_map != "adam":
-            return op, op
+            return op, op, None
         from sdopt.dimension import adam_preconditioner
         from sdopt.spectrum import preconditioned
 
         precond = adam_preconditioner(self.base_optimizer, op.params)
-        return op, preconditioned(op, precond.to(dtype=op.dtype, device=op.device))
+        precond = precond.to(dtype=op.dtype, device=op.device)
+        return op, preconditioned(op, precond), precond
 
     def _sd_kwargs(self) -> dict[str, Any]:
         beta = self._momentum() if self.exponent_map != "gd" else 0.0
@@ -597,7 +616,7 @@ class SDOptimizer(torch.optim.Optimizer):
         from sdopt.dimension import SpectrumSketch, sd_from_spectrum
         from sdopt.spectrum import deflated, hutchinson_trace, top_eigenpairs
 
-        op, target = self._operator(batch)
+        op, target, precond = self._operator(batch)
         loss, _ = op.loss_and_gradient()
         if not bool(torch.isfinite(loss)):
             raise FloatingPointError("non-finite loss on the curvature batch")
@@ -666,6 +685,8 @@ class SDOptimizer(torch.optim.Optimizer):
             value, _ = sd_from_spectrum(sketch, lr, uncertainty=False, **sd_kwargs)
             converged = bool(top.converged)
 
+        directions = None if precond is None else (precond.rsqrt()[:, None] * vectors)
+
         def predict(eta: float, _sketch: Any = sketch) -> float:
             return sd_from_spectrum(_sketch, eta, uncertainty=False, **sd_kwargs)[0]
 
@@ -674,6 +695,7 @@ class SDOptimizer(torch.optim.Optimizer):
             "eigenvalues": [float(x) for x in top_values],
             "eigenvalues_tensor": top_values.clone(),
             "eigenvectors": vectors.clone(),
+            "directions": directions,
             "sharpness_dimension": float(value),
             "uncertainty": float(uncertainty),
             "trace": trace,
@@ -687,12 +709,81 @@ class SDOptimizer(torch.optim.Optimizer):
         }
 
     def _apply_penalty(self, t: int) -> None:
-        if self._eigenvectors is None:
+        """Add ``w_t · ∇S_τ`` to ``.grad`` (recomputing ``∇S_τ`` when ``t % penalty_every == 0``).
+
+        ``∇S_τ`` comes from :func:`sdopt.dimension.penalty_gradient` (random-sign two-gradient
+        estimator) at the current parameters, with the eigenpairs, bulk summary and curvature
+        batch of the last estimate, the effective learning rate and this optimizer's generator.
+        For ``exponent_map="adam"`` the directions are ``P^{-1/2} v_i`` (the Rayleigh quotients
+        of ``P^{-1/2} H P^{-1/2}``). Under ``torch.distributed`` the estimate is averaged across
+        ranks (each rank differentiates its shard's loss along the same directions).
+        """
+        if self._eigenvectors is None or self._penalty_batch is None:
+            return  # no estimate yet
+        weight = penalty_weight(t, self.penalty_strength, self.penalty_warmup)
+        if weight == 0.0:
             return
         if self._penalty_grad is None or t % self.penalty_every == 0:
-            self._penalty_grad = torch.zeros(
-                self._eigenvectors.shape[0], dtype=self._eigenvectors.dtype
-            )
+            from sdopt.dimension import penalty_gradient
+
+            directions = self._eigenvectors if self._directions is None else self._directions
+            try:
+                with self._isolated():
+                    grad = penalty_gradient(
+                        self.model,
+                        self.loss_fn,
+                        self._penalty_batch,
+                        self.reference_lr() * self.lr_scale,
+                        eigenvalues=self._eigenvalues,
+                        eigenvectors=directions,
+                        temperature=self.penalty_temperature,
+                        bulk_dim=self._bulk[0],
+                        bulk_trace=self._bulk[1],
+                        generator=self.generator,
+                    ).detach()
+            except Exception as exc:  # never stop training for a failed penalty
+                warnings.warn(
+                    f"sdopt: penalty at step {t} skipped ({type(exc).__name__}: {exc})",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._penalty_grad = None
+                return
+            if _dist_initialized():
+                import torch.distributed as dist
+
+                dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+                grad /= dist.get_world_size()
+            if not bool(torch.isfinite(grad).all()):
+                warnings.warn(
+                    f"sdopt: penalty at step {t} skipped (non-finite penalty gradient)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._penalty_grad = None
+                return
+            self._penalty_grad = grad
+        in_optimizer = {id(p) for group in self.param_groups for p in group["params"]}
+        offset = 0
+        for p in self._trainable_params():
+            n = p.numel()
+            if id(p) in in_optimizer:
+                piece = self._penalty_grad[offset : offset + n].view_as(p).to(p.dtype)
+                if p.grad is None:
+                    p.grad = weight * piece
+                else:
+                    p.grad.add_(piece, alpha=weight)
+            offset += n
+
+    def _trainable_params(self) -> list[Tensor]:
+        """Trainable parameters in the flat-vector order of the curvature engine (tied once)."""
+        seen: set[int] = set()
+        out = []
+        for _, p in self.model.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -713,6 +804,9 @@ class SDOptimizer(torch.optim.Optimizer):
                 "eigenvalues": None if self._eigenvalues is None else self._eigenvalues.clone(),
                 "eigenvectors": None if self._eigenvectors is None else self._eigenvectors.clone(),
                 "penalty_grad": None if self._penalty_grad is None else self._penalty_grad.clone(),
+                "directions": None if self._directions is None else self._directions.clone(),
+                "penalty_batch": self._penalty_batch if self.data.kind != "fixed" else None,
+                "bulk": list(self._bulk),
                 "data_drawn": self.data.drawn,
                 "history": [asdict(r) for r in self.history],
             },
@@ -748,6 +842,15 @@ class SDOptimizer(torch.optim.Optimizer):
         self._eigenvalues = None if s["eigenvalues"] is None else s["eigenvalues"].to(device)
         self._eigenvectors = None if s["eigenvectors"] is None else s["eigenvectors"].to(device)
         self._penalty_grad = None if s["penalty_grad"] is None else s["penalty_grad"].to(device)
+        self._directions = None if s["directions"] is None else s["directions"].to(device)
+        self._bulk = (float(s["bulk"][0]), float(s["bulk"][1]))
+        self._penalty_batch = s["penalty_batch"]
+        if (
+            self._penalty_batch is None
+            and self.mode == "penalty"
+            and self._eigenvectors is not None
+        ):
+            self._penalty_batch = self.data.fixed
         self.history = [EstimateRecord.from_dict(r) for r in s["history"]]
         self.data.restore(int(s.get("data_drawn", 0)))
         self._spectrum = None
