@@ -20,7 +20,7 @@ def test_public_name_resolves(name: str) -> None:
 
 def test_unknown_attribute_raises() -> None:
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        sdopt.nope  # noqa: B018
+        sdopt.nope
 
 
 def test_readme_commands_are_the_ci_commands() -> None:
