@@ -724,23 +724,33 @@ class SDOptimizer(torch.optim.Optimizer):
         if weight == 0.0:
             return
         if self._penalty_grad is None or t % self.penalty_every == 0:
-            from sdopt.dimension import penalty_gradient
+            from sdopt.dimension import penalty_gradient, surrogate_weights
 
             directions = self._eigenvectors if self._directions is None else self._directions
+            lr = self.reference_lr() * self.lr_scale
             try:
                 with self._isolated():
+                    try:
+                        _, weights = surrogate_weights(
+                            self._eigenvalues,
+                            lr,
+                            temperature=self.penalty_temperature,
+                            bulk_dim=self._bulk[0],
+                            bulk_trace=self._bulk[1],
+                        )
+                    except RuntimeError:  # surrogate saturated at d: no graph, zero gradient
+                        weights = torch.zeros_like(self._eigenvalues, dtype=torch.float64)
                     grad = penalty_gradient(
                         self.model,
                         self.loss_fn,
                         self._penalty_batch,
-                        self.reference_lr() * self.lr_scale,
+                        lr,
                         eigenvalues=self._eigenvalues,
                         eigenvectors=directions,
-                        temperature=self.penalty_temperature,
-                        bulk_dim=self._bulk[0],
-                        bulk_trace=self._bulk[1],
+                        weights=weights,
                         generator=self.generator,
                     ).detach()
+                    grad = grad.to(device=self._device)
             except Exception as exc:  # never stop training for a failed penalty
                 warnings.warn(
                     f"sdopt: penalty at step {t} skipped ({type(exc).__name__}: {exc})",
