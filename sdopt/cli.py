@@ -309,7 +309,33 @@ def config_from_args(
         stop_at_val_accuracy=args.stop_at,
         threads=args.threads,
     )
-    return config.validate()
+    try:
+        return config.validate()
+    except ValueError as exc:  # name the flag, not the config field
+        message = str(exc)
+        for field_name, flag in _FIELD_FLAGS.items():
+            message = message.replace(f"Invalid {field_name}:", f"Invalid {flag}:")
+        raise ValueError(message) from None
+
+
+_FIELD_FLAGS = {
+    "train_fraction": "--train-fraction",
+    "weight_decay": "--weight-decay",
+    "grokfast_alpha": "--grokfast-alpha",
+    "grokfast_lamb": "--grokfast-lamb",
+    "batch_size": "--batch-size",
+    "eval_every": "--eval-every",
+    "sd_every": "--every",
+    "sd_k": "--k",
+    "checkpoint_every": "--checkpoint-every",
+    "stop_at_val_accuracy": "--stop-at",
+    "steps": "--steps",
+    "lr": "--lr",
+    "p": "--p",
+    "momentum": "--momentum",
+    "seed": "--seed",
+    "threads": "--threads",
+}
 
 
 def _print_summary(summary: dict[str, Any], out: str) -> None:
