@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from sdopt._checks import check_choice, check_in_range, check_int, check_positive
-from sdopt.tasks.grokking import MODELS, OPERATIONS, ModularArithmetic, build_model
+from sdopt.tasks.grokking import MODELS, OPERATIONS, ModularArithmetic, _is_prime, build_model
 from sdopt.tasks.grokking import modular_arithmetic as make_dataset
 
 __all__ = [
@@ -161,6 +161,8 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check every field; raise ``ValueError`` naming the first invalid one."""
         check_int("p", self.p, minimum=2)
+        if not _is_prime(self.p):
+            raise ValueError(f"Invalid p: {self.p!r} (must be a prime)")
         check_choice("operation", self.operation, OPERATIONS)
         check_in_range(
             "train_fraction", self.train_fraction, 0.0, 1.0, low_open=True, high_open=True

@@ -1,0 +1,252 @@
+"""The ``sdopt`` command line: files, summary keys, resume, errors, W&B offline, sweeps."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdopt.cli import GROK_DEFAULTS, build_parser, main
+
+TINY = [
+    "--p",
+    "7",
+    "--width",
+    "8",
+    "--steps",
+    "12",
+    "--eval-every",
+    "4",
+    "--every",
+    "4",
+    "--k",
+    "2",
+    "--no-progress",
+]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SUMMARY_KEYS = {
+    "steps_to_95_val_accuracy",
+    "seconds_to_95_val_accuracy",
+    "steps_to_99_train_accuracy",
+    "final_train_accuracy",
+    "final_val_accuracy",
+    "wall_time_seconds",
+    "steps",
+    "config",
+}
+
+
+def test_grok_writes_metrics_plot_and_summary(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["grok", *TINY, "--out", str(out)]) == 0
+    with (out / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [0, 4, 8, 12]
+    assert rows[-1]["sharpness_dimension"] != ""  # the default mode is monitor
+    png = (out / "grokking.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["steps"] == 12
+    assert summary["config"]["sd_mode"] == "monitor"
+    assert summary["config"]["model_kwargs"] == {"width": 8}
+    assert (out / "checkpoint.pt").exists()
+    printed = capsys.readouterr().out
+    assert "grokking (validation ≥ 95 %)" in printed and str(out) in printed
+
+
+def test_grok_jsonl_and_flags_reach_the_config(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = [
+        "grok",
+        *TINY,
+        "--out",
+        str(out),
+        "--format",
+        "jsonl",
+        "--optimizer",
+        "grokfast-sgd",
+        "--mode",
+        "lr",
+        "--seed",
+        "3",
+        "--lr",
+        "0.05",
+        "--weight-decay",
+        "0.5",
+        "--operation",
+        "div",
+        "--train-fraction",
+        "0.6",
+        "--target-sd",
+        "2",
+        "--sd-option",
+        "penalty_every=8",
+        "--no-plot",
+    ]
+    assert main(argv) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [0, 4, 8, 12]
+    config = json.loads((out / "summary.json").read_text())["config"]
+    assert (
+        config["optimizer"] == "grokfast-sgd" and config["sd_mode"] == "lr" and config["seed"] == 3
+    )
+    assert config["lr"] == 0.05 and config["weight_decay"] == 0.5 and config["operation"] == "div"
+    assert config["sd_options"] == {"target_sd": 2.0, "penalty_every": 8}
+    assert not (out / "grokking.png").exists()
+
+
+def test_grok_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    common = [
+        *TINY[:-5],
+        "--eval-every",
+        "4",
+        "--mode",
+        "monitor",
+        "--dtype",
+        "float64",
+        "--no-progress",
+        "--no-plot",
+    ]
+    common = [a for a in common if a not in ("--steps", "12")]
+    assert main(["grok", *common, "--steps", "12", "--out", str(tmp_path / "full")]) == 0
+    assert main(["grok", *common, "--steps", "8", "--out", str(tmp_path / "cut")]) == 0
+    assert main(["grok", *common, "--steps", "12", "--out", str(tmp_path / "cut"), "--resume"]) == 0
+
+    def rows(name):
+        with (tmp_path / name / "metrics.csv").open() as f:
+            return [
+                {k: v for k, v in r.items() if k != "elapsed_seconds"} for r in csv.DictReader(f)
+            ]
+
+    assert rows("full") == rows("cut")
+    a = json.loads((tmp_path / "full" / "summary.json").read_text())
+    b = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    for key in ("final_train_accuracy", "final_val_accuracy", "final_sharpness_dimension", "steps"):
+        assert a[key] == b[key]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["grok", "--steps", "0"], "Invalid --steps: 0"),
+        (["grok", "--lr", "-1"], "Invalid --lr: -1.0"),
+        (["grok", "--p", "12"], "Invalid --p: 12"),
+        (["grok", "--train-fraction", "1.5"], "Invalid --train-fraction: 1.5"),
+        (["grok", "--every", "0"], "Invalid --every: 0"),
+        (["grok", "--sd-option", "nonsense"], "Invalid --sd-option: 'nonsense'"),
+        (["grok", "--mode", "sam"], "invalid choice: 'sam'"),
+        (["grok", "--optimizer", "lion"], "invalid choice: 'lion'"),
+        (["grok", "--wandb", "on"], "invalid choice: 'on'"),
+        (["grok", "--steps", "ten"], "invalid int value: 'ten'"),
+        (["grok", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_invalid_flags_exit_nonzero_with_a_clear_message(argv, message, capsys, tmp_path) -> None:
+    try:
+        code = main([*argv, "--out", str(tmp_path)])
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    assert code != 0
+    assert message in capsys.readouterr().err
+
+
+def test_no_command_prints_help(capsys) -> None:
+    assert main([]) == 2
+    assert "grok" in capsys.readouterr().out
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    args = build_parser().parse_args(["grok"])
+    assert args.p == GROK_DEFAULTS["p"] and args.mode == "monitor" and args.optimizer == "adamw"
+    assert args.steps == GROK_DEFAULTS["steps"] and args.wandb == "disabled"
+
+
+def test_python_dash_m_help() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdopt", "grok", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0
+    for flag in (
+        "--steps",
+        "--optimizer",
+        "--mode",
+        "--seed",
+        "--out",
+        "--wandb",
+        "--resume",
+        "--grid",
+    ):
+        assert flag in proc.stdout
+
+
+def test_wandb_offline_creates_an_offline_run(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    out = tmp_path / "run"
+    assert main(["grok", *TINY, "--out", str(out), "--wandb", "offline", "--no-plot"]) == 0
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb")), "the offline run has no transaction log"
+
+
+def test_sweep_writes_one_table_and_a_wandb_yaml(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    argv = [
+        "sweep",
+        *TINY,
+        "--out",
+        str(out),
+        "--optimizers",
+        "adamw",
+        "grokfast-adamw",
+        "--modes",
+        "none",
+        "--seeds",
+        "0",
+        "1",
+        "--no-plot",
+    ]
+    assert main(argv) == 0
+    with (out / "sweep.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["optimizer"], r["seed"]) for r in rows] == [
+        ("adamw", "0"),
+        ("adamw", "1"),
+        ("grokfast-adamw", "0"),
+        ("grokfast-adamw", "1"),
+    ]
+    for r in rows:
+        assert json.loads((Path(r["out_dir"]) / "summary.json").read_text())[
+            "final_val_accuracy"
+        ] == float(r["final_val_accuracy"])
+    md = (out / "sweep.md").read_text()
+    assert "Median over seeds" in md and "| grokfast-adamw | none | " in md
+    yaml_text = (out / "wandb_sweep.yaml").read_text()
+    assert "program: sdopt" in yaml_text and "values: [adamw, grokfast-adamw]" in yaml_text
+    assert "values: [0, 1]" in yaml_text and "- ${args}" in yaml_text
+    try:
+        import yaml
+    except ImportError:
+        return
+    spec = yaml.safe_load(yaml_text)
+    assert spec["method"] == "grid" and spec["parameters"]["p"] == {"value": 7}
+
+
+def test_console_script_is_installed() -> None:
+    scripts = Path(sys.executable).parent
+    exe = scripts / ("sdopt.exe" if os.name == "nt" else "sdopt")
+    if not exe.exists():
+        pytest.skip("console script not installed in this environment")
+    proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "sdopt" in proc.stdout
