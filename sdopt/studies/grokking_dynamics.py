@@ -329,8 +329,13 @@ def change_statistics(
     net = v[end] - v[start]
     mean_in = sum(inside) / len(inside) if inside else math.nan
     med_out = outside[len(outside) // 2] if outside else math.nan
-    ratio = mean_in / med_out if med_out and math.isfinite(med_out) and med_out > 0 else math.nan
-    sharp = bool(math.isfinite(net) and net < 0 and math.isfinite(ratio) and ratio < -factor)
+    if not (math.isfinite(mean_in) and math.isfinite(med_out)):
+        ratio = math.nan
+    elif med_out > 0:
+        ratio = mean_in / med_out
+    else:  # flat outside: any change inside is infinitely sharp
+        ratio = math.copysign(math.inf, mean_in) if mean_in else 0.0
+    sharp = bool(math.isfinite(net) and net < 0 and not math.isnan(ratio) and ratio < -factor)
     return {
         "net_change": net,
         "mean_step_inside": mean_in,
