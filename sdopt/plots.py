@@ -43,6 +43,22 @@ def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list
     return xs, ys
 
 
+def _estimates(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """One point per SD estimate: rows repeat the latest estimate, keyed by ``sd_step``."""
+    if not any(row.get("sd_step") not in (None, "") for row in rows):
+        return _series(rows, key)
+    seen: dict[float, float] = {}
+    for row in rows:
+        at, value = row.get("sd_step"), row.get(key)
+        if at in (None, "") or value in (None, ""):
+            continue
+        value = float(value)
+        if math.isfinite(value):
+            seen[max(float(at), 1.0)] = value  # an estimate at step 0 is drawn at step 1 (log axis)
+    xs = sorted(seen)
+    return xs, [seen[x] for x in xs]
+
+
 def plot_training(
     rows: Sequence[dict[str, Any]],
     path: str | Path,
@@ -55,8 +71,11 @@ def plot_training(
 
     1. training and validation accuracy;
     2. the sharpness dimension (with its uncertainty band when known);
-    3. ``η·λ_max`` with the line at 2 (edge of stability of GD), and the LR scale of
-       ``SDOptimizer(mode="lr")`` on a second axis.
+    3. ``η·λ_max`` with the line at 2 (edge of stability of GD; a log axis when the values
+       span decades or lie far below it), and the LR scale of ``SDOptimizer(mode="lr")`` on a
+       second axis.
+
+    SD and η·λ_max are drawn once per estimate (at its ``sd_step``), not once per evaluation.
 
     The grokking step (first step with validation accuracy ≥ 95 %) is marked on every panel.
     Panels without data (no SD estimates) say so instead of staying blank.
@@ -88,10 +107,10 @@ def plot_training(
     ax_acc.set_ylim(-0.02, 1.02)
     ax_acc.legend(loc="upper left")
 
-    xs, ys = _series(rows, "sharpness_dimension")
+    xs, ys = _estimates(rows, "sharpness_dimension")
     if xs:
-        ax_sd.plot(xs, ys, color="tab:green", marker=".", markersize=3, label="SD")
-        ux, us = _series(rows, "sd_uncertainty")
+        ax_sd.plot(xs, ys, color="tab:green", marker=".", markersize=4, label="SD")
+        ux, us = _estimates(rows, "sd_uncertainty")
         if ux == xs:
             lo = [y - u for y, u in zip(ys, us)]
             hi = [y + u for y, u in zip(ys, us)]
@@ -107,9 +126,11 @@ def plot_training(
         )
     ax_sd.set_ylabel("sharpness dimension")
 
-    xs, ys = _series(rows, "lr_lambda_max")
+    xs, ys = _estimates(rows, "lr_lambda_max")
     if xs:
-        ax_edge.plot(xs, ys, color="tab:red", marker=".", markersize=3, label="η·λ_max")
+        ax_edge.plot(xs, ys, color="tab:red", marker=".", markersize=4, label="η·λ_max")
+        if min(ys) > 0 and (max(ys) / min(ys) > 100 or max(ys) < 0.05):
+            ax_edge.set_yscale("log")  # far below the edge: a log axis shows the dynamics
     else:
         ax_edge.text(
             0.5,
@@ -128,7 +149,7 @@ def plot_training(
     ax_scale.set_ylabel("LR scale", color="tab:purple")
     handles = ax_edge.get_legend_handles_labels()
     more = ax_scale.get_legend_handles_labels()
-    ax_edge.legend(handles[0] + more[0], handles[1] + more[1], loc="upper left", fontsize=8)
+    ax_edge.legend(handles[0] + more[0], handles[1] + more[1], loc="upper right", fontsize=8)
 
     for ax in (ax_acc, ax_sd, ax_edge):
         ax.set_xscale("log")
