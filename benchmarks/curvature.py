@@ -216,11 +216,17 @@ def main(argv: list[str] | None = None) -> dict:
         except ImportError as error:
             print(f"\n(top-k table skipped: {error})")
         else:
+            try:
+                from topk import _markdown as topk_table
+            except ImportError:
+                topk_table = None
             for name in args.workloads:
                 rows = run_topk(build_workload(name))
-                print(f"\n## top-k eigenpairs, {name}")
-                if rows:
-                    keys = list(rows[0])
+                print(f"\n## top-k eigenpairs, {name}\n")
+                if topk_table is not None:
+                    print(topk_table(rows))
+                elif rows:
+                    keys = sorted({key for row in rows for key in row})
                     print(_table(rows, [(k, k, ".4g") for k in keys]))
                 results.setdefault(name, {})["topk"] = rows
     if args.json:
