@@ -46,8 +46,10 @@ __all__ = ["EXPONENT_MAPS", "MODES", "SDOptimizer"]
 MODES = ("monitor", "lr", "penalty")
 EXPONENT_MAPS = ("gd", "momentum", "adam")
 ESTIMATORS = ("topk", "exact")
-DEFAULT_EVERY = 100
-DEFAULT_K = 5
+DEFAULT_EVERY = 200
+DEFAULT_K = 3
+DEFAULT_TOL = 1e-2
+DEFAULT_TRACE_PROBES = 4
 _STATE_VERSION = 1
 
 
@@ -171,10 +173,13 @@ class SDOptimizer(torch.optim.Optimizer):
         loggers: Objects with ``log(record)`` (and optionally ``close()``), e.g.
             :class:`sdopt.loggers.WandbLogger`.
         seed: Seed of the optimizer's own ``torch.Generator`` (same on every rank).
-        tol: Relative tolerance of the eigen-solver.
+        tol: Relative tolerance of the eigen-solver on the eigenvalues (default ``1e-2``: enough
+            for monitoring and control, whose uncertainty is dominated by the bulk).
         dropout: How the curvature forward passes treat dropout (``"off"`` or ``"fixed"``).
         max_history: Keep at most this many records in :attr:`history` (oldest dropped).
-        estimate_kwargs: Extra keyword arguments for the estimator.
+        estimate_kwargs: Extra keyword arguments: ``trace_probes`` (Hutchinson probes of the
+            bulk trace, default 4), ``max_dim`` (``estimator="exact"``), and any keyword of
+            :func:`sdopt.spectrum.top_eigenpairs` (``max_iters``, ``max_basis``, ...).
 
     Raises:
         ValueError: For any invalid argument, naming it and its value.
@@ -200,7 +205,7 @@ class SDOptimizer(torch.optim.Optimizer):
         penalty_warmup: int = 0,
         loggers: Sequence[Any] | Any = (),
         seed: int = 0,
-        tol: float = 1e-3,
+        tol: float = DEFAULT_TOL,
         dropout: str = "off",
         max_history: int = 100_000,
         estimate_kwargs: dict[str, Any] | None = None,
@@ -643,7 +648,7 @@ class SDOptimizer(torch.optim.Optimizer):
             converged = True
             products = op.num_products
         else:
-            probes = int(options.pop("trace_probes", 4))
+            probes = int(options.pop("trace_probes", DEFAULT_TRACE_PROBES))
             top = top_eigenpairs(
                 target,
                 k,
@@ -684,6 +689,13 @@ class SDOptimizer(torch.optim.Optimizer):
             sketch = SpectrumSketch(nodes[None, :], weights[None, :], dim)
             value, _ = sd_from_spectrum(sketch, lr, uncertainty=False, **sd_kwargs)
             converged = bool(top.converged)
+            if self.mode == "lr":
+                # Ritz values underestimate the top eigenvalues; the controller predicts with
+                # the residual bound θ_i + ‖A x_i − θ_i x_i‖ (each interval holds an eigenvalue),
+                # so that a loose tolerance cannot push the step past the edge.
+                safe = nodes.clone()
+                safe[:k] = top_values + top.residuals.double().to(top_values)
+                sketch = SpectrumSketch(safe[None, :], weights[None, :], dim)
 
         directions = None if precond is None else (precond.rsqrt()[:, None] * vectors)
 

@@ -594,7 +594,7 @@ def test_lr_mode_keeps_lr_times_lambda_max_below_the_bound(momentum: float) -> N
     if momentum == 0.0:
         assert losses[-1] < losses[0]
     assert opt.param_groups[0]["lr"] == 1.0  # the user's lr is untouched
-    assert opt.last_estimate.lambda_max == pytest.approx(10.0, rel=1e-6)
+    assert opt.last_estimate.lambda_max == pytest.approx(10.0, rel=1e-2)  # default tol 1e-2
 
 
 # --- curvature data and loggers ---------------------------------------------------------------
