@@ -275,3 +275,19 @@ def test_config_round_trips_and_rejects_unknown_keys() -> None:
     assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     with pytest.raises(ValueError, match="Invalid config keys: \\['nope'\\]"):
         TrainConfig.from_dict({"nope": 1})
+
+
+def test_progress_falls_back_to_lines_without_tqdm(monkeypatch, capsys) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # makes `from tqdm.auto import tqdm` fail
+    train(tiny(progress=True, steps=20))
+    err = capsys.readouterr().err
+    assert "tqdm not installed" in err and "sdopt[progress]" in err
+    assert "sdopt grok: step 20/20 train=" in err
+
+
+def test_progress_bar_with_tqdm(capsys) -> None:
+    pytest.importorskip("tqdm")
+    train(tiny(progress=True))
+    assert "sdopt grok" in capsys.readouterr().err
