@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from sdopt._checks import check_in_range, check_int, check_positive
 from sdopt.studies.common import RunCache, import_pyplot, markdown_table, write_csv
-from sdopt.studies.kendall import granulated_kendall
+from sdopt.studies.kendall import granulated_kendall, kendall_tau
 
 __all__ = [
     "CorrelationConfig",
@@ -610,8 +610,12 @@ def scatter_plots(runs: Sequence[dict[str, Any]], path: str | os.PathLike[str], 
             ax.scatter(
                 value, r[gap], color=colour, marker=marker, s=28, edgecolor="k", linewidth=0.3
             )
+        pairs = [(r[key], r[gap]) for r in usable if isinstance(r.get(key), float)]
+        tau = kendall_tau(*zip(*pairs)) if len(pairs) >= 2 else math.nan
+        ax.set_title(f"τ = {tau:.2f}", fontsize=8)
         ax.set_xlabel(label, fontsize=8)
         ax.set_ylabel(dict(GAPS)[gap], fontsize=8)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(4))
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")

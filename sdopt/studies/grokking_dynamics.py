@@ -83,7 +83,7 @@ class GrokkingDynamicsConfig:
     lr: float = 1.0
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    epochs: int = 3_000
+    epochs: int = 2_500
     checkpoints: int = 100
     sd_methods: tuple[str, ...] = ("topk",)
     num_probes: int = 2
@@ -119,14 +119,13 @@ class GrokkingDynamicsConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> GrokkingDynamicsConfig:
-        """Same task (``p = 97``), 2,500 epochs, 20 checkpoints.
+        """Same task (``p = 97``) and run, 20 checkpoints instead of 100.
 
         Smaller moduli do not grok with this MLP at 40 % training data within a few thousand
         epochs (at ``p = 31, 47, 59`` it memorises and test accuracy stays below 2 %), so the
         quick variant keeps ``p`` and shortens the run instead.
         """
         settings: dict[str, Any] = {
-            "epochs": 2_500,
             "checkpoints": 20,
         }
         settings.update(overrides)
@@ -216,9 +215,15 @@ def _measure(
 
 
 def train_with_checkpoints(
-    config: GrokkingDynamicsConfig, progress: Callable[[str], None] | None = None
+    config: GrokkingDynamicsConfig,
+    progress: Callable[[str], None] | None = None,
+    partial_path: str | os.PathLike[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train full batch and return one record per checkpoint (uncached)."""
+    """Train full batch and return one record per checkpoint (uncached).
+
+    With ``partial_path``, each record is also appended to that JSON-lines file as soon as it
+    is measured, so an interrupted run leaves its checkpoints behind.
+    """
     from sdopt.tasks.grokking import modular_arithmetic
 
     data = modular_arithmetic(config.p, "add", config.train_fraction, seed=config.seed)
@@ -260,13 +265,17 @@ def train_with_checkpoints(
                     )
                 )
             records.append(record)
+            if partial_path is not None:
+                with open(partial_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             if progress is not None:
                 progress(
                     f"epoch {epoch:>6}: train acc {train_acc:.3f}, test acc {test_acc:.3f}, "
                     + ", ".join(
                         f"{m} {record.get(f'sd_{m}', math.nan):.1f}" for m in config.sd_methods
                     )
-                    + f", λ_max {record.get('lambda_max', math.nan):.3g} "
+                    + f", λ_max {record.get('lambda_max', math.nan):.3g}"
+                    + f", trace {record.get('trace', math.nan):.4g} "
                     f"({time.perf_counter() - start:.0f}s)"
                 )
             if not finite:
@@ -502,9 +511,16 @@ def run_grokking_study(
     cache = RunCache(Path(cache_dir) if cache_dir is not None else out / "cache", prefix="grokking")
     key = {"study": "grokking_dynamics", **dataclasses.asdict(config)}
     with torch_threads(num_threads):
-        result, hit = cache.get_or_run(
-            key, lambda: {"records": train_with_checkpoints(config, progress)}
-        )
+        partial = out / "checkpoints.partial.jsonl"
+
+        def compute() -> dict[str, Any]:
+            out.mkdir(parents=True, exist_ok=True)
+            partial.unlink(missing_ok=True)
+            records = train_with_checkpoints(config, progress, partial)
+            partial.unlink(missing_ok=True)
+            return {"records": records}
+
+        result, hit = cache.get_or_run(key, compute)
     records = result["records"]
     keys = [
         k
