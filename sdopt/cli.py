@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: %(default)s)"
     )
+    from sdopt.studies.cli import add_study_parser  # `sdopt study correlation|grokking`
+
+    add_study_parser(sub)
     return parser
 
 
@@ -413,7 +416,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     try:
-        if args.command == "grok" and not args.grid:
+        if args.command == "study":
+            from sdopt.studies.cli import run_study
+
+            code = run_study(args)
+        elif args.command == "grok" and not args.grid:
             code = _run_grok(args)
         else:
             code = _run_sweep(args)
