@@ -53,6 +53,10 @@ DEFAULT_TRACE_PROBES = 4
 _STATE_VERSION = 1
 
 
+class _NonFiniteLoss(FloatingPointError):
+    """The loss on the curvature batch is NaN or infinite."""
+
+
 def _is_batch(obj: Any) -> bool:
     return (
         isinstance(obj, (tuple, list))
@@ -510,6 +514,9 @@ class SDOptimizer(torch.optim.Optimizer):
             with self._isolated():
                 batch = self.data.draw()
                 result = self._compute_estimate(batch)
+        except _NonFiniteLoss:
+            self._skip(t, "non-finite loss on the curvature batch")
+            return
         except Exception as exc:  # a failed estimate must never stop training
             self._skip(t, f"estimate failed: {type(exc).__name__}: {exc}")
             return
@@ -624,7 +631,7 @@ class SDOptimizer(torch.optim.Optimizer):
         op, target, precond = self._operator(batch)
         loss, _ = op.loss_and_gradient()
         if not bool(torch.isfinite(loss)):
-            raise FloatingPointError("non-finite loss on the curvature batch")
+            raise _NonFiniteLoss
         lr = self.reference_lr()
         sd_kwargs = self._sd_kwargs()
         dim = op.dim

@@ -352,6 +352,7 @@ def test_non_finite_curvature_loss_is_skipped() -> None:
         F.cross_entropy(model(x), y).backward()
         opt.step()
     assert opt.last_estimate.status == "skipped"
+    assert opt.last_estimate.reason == "non-finite loss on the curvature batch"
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
