@@ -180,8 +180,9 @@ def top_eigenpairs(
     with ``eps`` the machine epsilon of the operator's dtype and ``‖T_m‖ = max_j |θ_j|``:
 
     - ``criterion="eigenvalue"`` (default): ``e_i = min(r_i, r_i² / δ_i)``, the residual bound
-      on the eigenvalue error sharpened by the gap ``δ_i`` from ``θ_i`` to the other Ritz
-      values (Kato–Temple), so ``tol`` is a relative accuracy of the *eigenvalues*;
+      on the eigenvalue error sharpened by the gap ``δ_i = min_j (|θ_i - θ_j| - r_j)`` to the
+      other Ritz values, each widened by its own residual (Kato–Temple), so ``tol`` is a
+      relative accuracy of the *eigenvalues*;
     - ``criterion="residual"``: ``e_i = r_i`` (stricter: the eigenvectors converge too; the
       eigenvalue error is then below ``tol`` relative in any case, by Weyl's bound).
 
@@ -307,9 +308,12 @@ def _thick_restart_lanczos(
         anorm = float(theta.abs().max())
         scale = torch.clamp(theta[idx].abs(), min=floor_factor * anorm)
         if criterion == "eigenvalue" and m > 1:
-            gaps = (theta[idx, None] - theta[None, :]).abs()
+            # gap to the other Ritz values, each widened by its own residual (conservative:
+            # an unconverged neighbour may hide an eigenvalue closer than its Ritz value)
+            all_res = (beta * S[m - 1, :]).abs()
+            gaps = (theta[idx, None] - theta[None, :]).abs() - all_res[None, :]
             gaps[torch.arange(count), idx] = math.inf
-            gap = gaps.min(dim=1).values
+            gap = gaps.min(dim=1).values.clamp_min(0.0)
             errors = torch.minimum(residuals, residuals**2 / gap)
         else:
             errors = residuals
