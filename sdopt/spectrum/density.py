@@ -163,13 +163,13 @@ def lanczos_quadrature(op: Any, v: Tensor, num_steps: int) -> tuple[Tensor, Tens
     """
     A = as_operator(op)
     m = min(num_steps, A.dim)
-    V = torch.empty(A.dim, m, dtype=A.dtype, device=A.device)
+    V = torch.empty(m, A.dim, dtype=A.dtype, device=A.device)
     T = torch.zeros(m, m, dtype=torch.float64)
-    V[:, 0] = v / v.norm()
+    V[0] = v / v.norm()
     size = m
     for j in range(m):
-        w = checked_product(A, V[:, j])
-        w, h = _orthogonalise(w, V[:, : j + 1])
+        w = checked_product(A, V[j])
+        w, h = _orthogonalise(w, V[: j + 1].T)
         T[j, j] = float(h[j])
         beta = float(w.norm())
         if j + 1 == m:
@@ -179,7 +179,7 @@ def lanczos_quadrature(op: Any, v: Tensor, num_steps: int) -> tuple[Tensor, Tens
         ):
             size = j + 1
             break
-        V[:, j + 1] = w / beta
+        V[j + 1] = w / beta
         T[j + 1, j] = T[j, j + 1] = beta
     theta, S = small_eigh(T[:size, :size])
     nodes = torch.full((num_steps,), float(theta[-1]), dtype=torch.float64)

@@ -284,18 +284,18 @@ def _thick_restart_lanczos(
 ) -> EigenResult:
     n, dtype, device = A.dim, A.dtype, A.device
     m_max = max_basis
-    V = torch.empty(n, m_max + 1, dtype=dtype, device=device)
+    V = torch.empty(m_max + 1, n, dtype=dtype, device=device)  # rows: contiguous vectors
     T = torch.zeros(m_max + 1, m_max + 1, dtype=torch.float64)
-    V[:, 0] = v0
+    V[0] = v0
     j = 0  # index of the vector to expand next
     products = 0
     steps = 0
     floor_factor = math.sqrt(torch.finfo(dtype).eps)
     while True:
-        w = checked_product(A, V[:, j])
+        w = checked_product(A, V[j])
         products += 1
         steps += 1
-        w, h = _orthogonalise(w, V[:, : j + 1])
+        w, h = _orthogonalise(w, V[: j + 1].T)
         beta = float(w.norm())
         h64 = h.to(torch.float64).cpu()
         T[: j + 1, j] = h64
@@ -321,7 +321,7 @@ def _thick_restart_lanczos(
         if converged or products >= max_iters or m == n:
             if m == n:
                 converged = count == k  # the whole space: the Ritz pairs are exact
-            X = V[:, :m] @ S[:, idx].to(dtype=dtype, device=device)
+            X = V[:m].T @ S[:, idx].to(dtype=dtype, device=device)
             return EigenResult(
                 eigenvalues=theta[idx].to(dtype=dtype, device=device),
                 eigenvectors=X,
@@ -332,7 +332,7 @@ def _thick_restart_lanczos(
                 which=which,
             )
         if beta <= 100 * torch.finfo(dtype).eps * max(anorm, 1e-300):
-            v = _fresh_direction(V[:, :m], gen, dtype, device)  # invariant subspace: new direction
+            v = _fresh_direction(V[:m].T, gen, dtype, device)  # invariant subspace: new direction
             beta = 0.0
         else:
             v = w / beta
@@ -340,16 +340,16 @@ def _thick_restart_lanczos(
             keep = min(m_max - 1, k + (m_max - k) // 2)
             keep_idx = _select(theta, which, keep)
             Y = S[:, keep_idx]
-            V[:, :keep] = V[:, :m] @ Y.to(dtype=dtype, device=device)
+            V[:keep] = Y.T.to(dtype=dtype, device=device) @ V[:m]
             s = beta * S[m - 1, keep_idx]
             T.zero_()
             T[:keep, :keep] = torch.diag(theta[keep_idx])
             T[keep, :keep] = s
             T[:keep, keep] = s
-            V[:, keep] = v
+            V[keep] = v
             j = keep
         else:
-            V[:, m] = v
+            V[m] = v
             T[m, m - 1] = beta
             T[m - 1, m] = beta
             j = m
