@@ -87,6 +87,8 @@ def format_number(value: Any, digits: int = 4) -> str:
             return "nan"
         if math.isinf(value):
             return "inf" if value > 0 else "-inf"
+        if abs(value) < 1e-12:  # round-off of averaged ±τ
+            value = 0.0
         return f"{value:.{digits}g}"
     return str(value)
 
