@@ -384,7 +384,10 @@ class GrokkingDynamicsResults:
 
 
 def plot_dynamics(
-    records: Sequence[dict[str, Any]], verdict: dict[str, Any], path: str | os.PathLike[str]
+    records: Sequence[dict[str, Any]],
+    verdict: dict[str, Any],
+    path: str | os.PathLike[str],
+    lr: float | None = None,
 ) -> Path:
     """Accuracies, SD estimates, λ_max and trace against epochs; the jump window shaded."""
     plt = import_pyplot()
@@ -410,6 +413,10 @@ def plot_dynamics(
                 style = "o" if key == "sd_exact" else "-"
                 ax.plot(*zip(*pts), style, label=label, markersize=4)
         ax.set_ylabel(title, fontsize=9)
+        if title == "sharpness dimension":
+            ax.set_yscale("symlog", linthresh=10.0)
+        if title == "λ_max" and lr is not None:
+            ax.axhline(2.0 / lr, color="grey", linestyle="--", linewidth=0.8, label="2/η")
         if len(ax.get_lines()) > 1:
             ax.legend(fontsize=7, loc="best")
         if verdict.get("window_epochs"):
@@ -455,7 +462,7 @@ def _verdict_markdown(verdict: dict[str, Any]) -> str:
         "quantity",
         "net change in window",
         "mean step inside",
-        "median |step| outside",
+        "median abs step outside",
         "ratio",
         "sharp drop",
     ]
@@ -477,7 +484,7 @@ def write_outputs(
                 [[r.get(c) for c in RECORD_COLUMNS] for r in records],
             )
         ),
-        "plot": str(plot_dynamics(records, verdict, out_dir / "grokking_dynamics.png")),
+        "plot": str(plot_dynamics(records, verdict, out_dir / "grokking_dynamics.png", config.lr)),
     }
     (out_dir / "verdict.json").write_text(json.dumps(verdict, indent=1, default=str))
     files["verdict_json"] = str(out_dir / "verdict.json")
