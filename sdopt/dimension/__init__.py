@@ -8,10 +8,16 @@ exponent maps, a top-k + bulk estimator, a differentiable surrogate). Submodules
 * :mod:`sdopt.dimension.exponents` — exponent maps (gd, heavy ball, Adam)
 * :mod:`sdopt.dimension.sketch` — product-free SD from a stored spectrum, for any learning rate
 * :mod:`sdopt.dimension.surrogate` — the differentiable surrogate
+* :mod:`sdopt.dimension.penalty` — the surrogate as a penalty, two-gradient estimator
+* :mod:`sdopt.dimension.estimators` — exact, SLQ/KDE/PS (the paper's) and top-k estimators
 """
 
 from __future__ import annotations
 
+from sdopt.dimension.estimators import (
+    SharpnessDimensionEstimate,
+    estimate_sharpness_dimension,
+)
 from sdopt.dimension.exponents import (
     adam_preconditioner,
     lyapunov_exponents,
@@ -31,8 +37,10 @@ from sdopt.dimension.sketch import SpectrumSketch, sd_from_spectrum
 from sdopt.dimension.surrogate import smooth_sharpness_dimension, surrogate_weights
 
 __all__ = [
+    "SharpnessDimensionEstimate",
     "SpectrumSketch",
     "adam_preconditioner",
+    "estimate_sharpness_dimension",
     "kaplan_yorke_dimension",
     "lyapunov_exponents",
     "penalty_gradient",

@@ -190,17 +190,6 @@ def preconditioned_operator(op: Any, preconditioner: torch.Tensor) -> Any:
     if isinstance(op, torch.Tensor):
         d = preconditioner.to(op) ** -0.5
         return d[:, None] * op * d[None, :]
-    from sdopt.spectrum import LinearOperator, as_operator
+    from sdopt.spectrum import preconditioned
 
-    base = as_operator(op)
-    scale = preconditioner.to(dtype=base.dtype, device=base.device) ** -0.5
-    if scale.numel() != base.dim or not torch.isfinite(scale).all():
-        raise ValueError(
-            f"Invalid preconditioner: shape {tuple(preconditioner.shape)} "
-            f"(must be ({base.dim},), positive and finite)"
-        )
-
-    def matmat(v: torch.Tensor) -> torch.Tensor:
-        return scale[:, None] * base.matmat(scale[:, None] * v)
-
-    return LinearOperator(base.dim, matmat, dtype=base.dtype, device=base.device, source=base)
+    return preconditioned(op, preconditioner)

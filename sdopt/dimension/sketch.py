@@ -201,7 +201,7 @@ def _interval_sd(
     hi, lo = 0.0, -1.0
     while above(lo)[1] >= 0:
         lo *= 2.0
-    for _ in range(100):
+    for _ in range(60):
         mid = 0.5 * (lo + hi)
         if above(mid)[1] >= 0:
             hi = mid
@@ -230,7 +230,7 @@ def _sketch_sd(sk: SpectrumSketch, lr: float, eps: float, map: str, momentum: fl
         edges, masses = _histogram_cells(nodes, weights, int(sk.options.get("bins", 200)))
     else:
         edges, masses, _ = _kde_cells(
-            nodes, weights, sk.options.get("bandwidth"), int(sk.options.get("grid", 4000))
+            nodes, weights, sk.options.get("bandwidth"), int(sk.options.get("grid", 1500))
         )
     return _interval_sd(edges, masses, lr, eps, map, momentum)
 
