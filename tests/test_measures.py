@@ -182,3 +182,21 @@ def test_invalid_epsilon() -> None:
     f = make_functional_loss(Quadratic(W), quad_loss, DATA)
     with pytest.raises(ValueError, match="Invalid epsilon: 0"):
         epsilon_sharpness(f, epsilon=0)
+
+
+def test_spectral_measures_of_a_diagonal_hessian() -> None:
+    out = compute_measures(
+        Quadratic(W),
+        quad_loss,
+        DATA,
+        0.6,
+        which=("lambda_max", "trace", "rds_sharpness", "sharpness_dimension"),
+        generator=torch.Generator().manual_seed(0),
+        sd_method="exact",
+    )
+    assert out["lambda_max"] == pytest.approx(4.0, rel=1e-6)
+    assert out["trace"] == pytest.approx(float(A.sum()), rel=1e-9)  # Rademacher: exact on diagonals
+    assert out["rds_sharpness"] == pytest.approx(math.log(abs(1 - 0.6 * 4.0)), rel=1e-6)
+    from sdopt import sharpness_dimension
+
+    assert out["sharpness_dimension"] == pytest.approx(sharpness_dimension(A, 0.6))
