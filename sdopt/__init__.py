@@ -37,6 +37,8 @@ _EXPORTS: dict[str, str] = {
     "estimate_sharpness_dimension": "dimension",
     "smooth_sharpness_dimension": "dimension",
     "sharpness_dimension_penalty": "dimension",
+    "penalty_gradient": "dimension",
+    "sd_from_spectrum": "dimension",
     # measures: neighbouring sharpness and complexity measures
     "compute_measures": "measures",
     # optimizer, records and loggers
@@ -71,6 +73,8 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the eager imports
         estimate_sharpness_dimension,
         kaplan_yorke_dimension,
         lyapunov_exponents,
+        penalty_gradient,
+        sd_from_spectrum,
         sharpness_dimension,
         sharpness_dimension_penalty,
         smooth_sharpness_dimension,
