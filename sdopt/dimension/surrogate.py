@@ -138,8 +138,8 @@ def smooth_sharpness_dimension(
     z = _smooth_exponents(alpha, lr, eps)
     total = w.sum()
     t = _optimal_threshold(z, w, tau)
-    if t is None:
-        return total.detach().clone()
+    if t is None:  # saturated at d (total exponent >= 0): constant, zero gradient, graph kept
+        return total.detach() + 0.0 * alpha.sum()
     x = (z - t) / tau
     safe = torch.where(torch.isfinite(z), x, torch.zeros_like(x))
     n = torch.where(torch.isfinite(z), w * tau * F.softplus(safe), torch.zeros_like(z)).sum()

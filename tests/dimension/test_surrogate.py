@@ -101,3 +101,10 @@ def test_invalid_weights() -> None:
 def test_invalid_bulk_dim() -> None:
     with pytest.raises(ValueError, match="Invalid bulk_dim: -1"):
         smooth_sharpness_dimension(torch.ones(3), 0.1, temperature=0.1, bulk_dim=-1)
+
+
+def test_saturated_surrogate_keeps_a_zero_gradient() -> None:
+    ev = torch.tensor([30.0, -2.0], dtype=torch.float64)
+    value, grad = surrogate_weights(ev, 0.1, temperature=0.01)
+    assert float(value) == 2.0
+    assert torch.equal(grad, torch.zeros(2, dtype=torch.float64))
