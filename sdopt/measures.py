@@ -309,8 +309,10 @@ def compute_measures(
     """Compute a chosen set of measures and return a flat ``{name: float}`` record to log.
 
     Args:
-        model, loss_fn, data: as for :class:`sdopt.HessianOperator` (the loss is the mean over
-            the batches in ``data``).
+        model: the ``nn.Module`` (never modified).
+        loss_fn: ``loss_fn(outputs, targets) -> 0-d tensor``.
+        data: one ``(inputs, targets)`` batch or a sequence of them (losses are means over
+            the batches).
         lr: the learning rate ``η`` (for ``rds_sharpness``, ``gradient_noise_scale`` and
             ``sharpness_dimension``).
         which: names from :data:`ALL_MEASURES`.

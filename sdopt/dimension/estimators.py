@@ -185,8 +185,10 @@ def estimate_sharpness_dimension(
     """Estimate the sharpness dimension of ``model`` at its current parameters.
 
     Args:
-        model, loss_fn, data: as for :class:`sdopt.HessianOperator`; ``data`` is one batch or a
-            sequence of batches (with ``protocol="minibatch"`` each is one minibatch Hessian).
+        model: the ``nn.Module`` (never modified).
+        loss_fn: ``loss_fn(outputs, targets) -> 0-d tensor``.
+        data: one ``(inputs, targets)`` batch or a sequence of them (with
+            ``protocol="minibatch"`` each is one minibatch Hessian).
         lr: learning rate ``η > 0`` of the map.
         method: ``"exact"``, ``"slq"``, ``"kde"``, ``"ps"`` or ``"topk"`` (module docstring).
         protocol: ``"minibatch"`` (default, the paper's) or ``"full-batch"``.
@@ -196,14 +198,16 @@ def estimate_sharpness_dimension(
             500), per batch for ``topk`` (default 2).
         num_steps: Lanczos steps per probe (default 80 for ``slq``/``kde``/``ps``; 30 for
             ``topk``).
-        bins: histogram bins (``slq``). bandwidth: KDE bandwidth (``kde``; default 1 % of the
-            node spread). num_quantiles: ``M`` (``ps``).
+        bins: histogram bins (``slq``).
+        bandwidth: KDE bandwidth (``kde``; default 1 % of the node spread).
+        num_quantiles: ``M`` (``ps``).
         tol: Lanczos tolerance (``topk``).
         max_dim: size guard of ``exact`` (dense ``d × d`` matrices).
         init: ``(d, j)`` cached eigenvectors to warm-start the first batch's top-``k`` Lanczos.
         generator: random source for probes and start vectors (the global RNG is untouched).
-        exponent_map, momentum: ``"gd"`` (paper), ``"momentum"`` (heavy ball, ``β``) or
-            ``"adam"`` (with ``preconditioner``, ``β₁``); see :mod:`sdopt.dimension.exponents`.
+        exponent_map: ``"gd"`` (paper), ``"momentum"`` (heavy ball) or ``"adam"`` (with
+            ``preconditioner``); see :mod:`sdopt.dimension.exponents`.
+        momentum: heavy-ball ``β`` or Adam's ``β₁``.
         preconditioner: ``(d,)`` positive diagonal ``P`` (e.g. :func:`adam_preconditioner`):
             the spectrum of ``P^{-1/2} H P^{-1/2}`` is used.
         eps: ``ε ≥ 0`` inside the logarithm.

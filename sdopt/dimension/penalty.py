@@ -104,7 +104,9 @@ def sharpness_dimension_penalty(
     ``penalty.backward()`` fills ``p.grad`` of the trainable parameters with ``∂S_τ/∂θ``.
 
     Args:
-        model, loss_fn, data: as for :class:`sdopt.HessianOperator`.
+        model: the ``nn.Module``; its trainable parameters receive the gradient.
+        loss_fn: ``loss_fn(outputs, targets) -> 0-d tensor``.
+        data: one ``(inputs, targets)`` batch or a sequence of them.
         lr: learning rate ``η > 0`` of the GD map.
         k: number of leading eigenpairs (``1 ≤ k ≤ d``).
         temperature: surrogate temperature ``τ > 0``.
@@ -173,11 +175,16 @@ def penalty_gradient(
     The model is never modified (gradients at perturbed copies of the parameters).
 
     Args:
-        model, loss_fn, data: as for :class:`sdopt.HessianOperator`.
+        model: the ``nn.Module`` (never modified).
+        loss_fn: ``loss_fn(outputs, targets) -> 0-d tensor``.
+        data: one ``(inputs, targets)`` batch or a sequence of them.
         lr: learning rate of the GD map in the surrogate.
-        eigenvalues: ``(k,)`` Ritz values; eigenvectors: ``(d, k)`` Ritz vectors.
-        temperature, bulk_dim, bulk_trace, eps: surrogate settings (see
-            :func:`~sdopt.dimension.smooth_sharpness_dimension`).
+        eigenvalues: ``(k,)`` Ritz values.
+        eigenvectors: ``(d, k)`` Ritz vectors (orthonormal columns).
+        temperature: surrogate temperature ``τ``.
+        bulk_dim: bulk size (see :func:`~sdopt.dimension.smooth_sharpness_dimension`).
+        bulk_trace: bulk trace.
+        eps: ``ε ≥ 0`` inside the logarithm.
         weights: ``(k,)`` weights to use instead of ``∂S_τ/∂α_i``.
         gradient: ``∇L(θ)`` if already known (saves one gradient).
         step: difference step ``h`` (default ``ε_mach^{1/4}·max(1, ‖θ‖/√d)``).
