@@ -7,8 +7,9 @@ against a tight reference (sdopt at residual tolerance 1e-6, i.e. eigenvalue err
 relative by Weyl's bound). Every method's product count includes everything it multiplied.
 
 "Warm": the model takes ``--later-steps`` (100) more full-batch AdamW steps (lr 1e-3, weight decay
-1, betas 0.9/0.98; fresh optimizer state), then sdopt re-estimates cold and warm-started from the
-cold eigenvectors of the earlier point; ``warm/cold`` is the ratio of their products.
+1, betas 0.9/0.98; for the transformer the same training run continued, optimizer state
+included), then sdopt re-estimates cold and warm-started from the cold eigenvectors of the
+earlier point; ``warm/cold`` is the ratio of their products.
 
 Anchors are optional (``pip install --no-deps pyhessian hessian-eigenthings
 curvlinops-for-pytorch`` plus their small pure-Python deps) and skipped cleanly when missing.
@@ -58,6 +59,20 @@ def rel_error(values: Any, reference: torch.Tensor) -> float:
     v = torch.sort(v, descending=True).values
     ref = reference[: v.numel()].to(torch.float64)
     return float(((v - ref).abs() / ref.abs()).max())
+
+
+def later_model(w: Workload, steps: int) -> torch.nn.Module:
+    """The model ``steps`` AdamW steps later.
+
+    Transformer: the same training run continued (200 + ``steps`` steps from the same seed, so the
+    optimizer state carries over; cached like the workload). MLP (at initialisation): ``steps``
+    AdamW steps from the workload's state.
+    """
+    if w.name == "transformer":
+        from workloads import TRAIN_STEPS
+
+        return build_workload("transformer", steps=TRAIN_STEPS + steps).model
+    return adamw_steps(w.model, w, steps)
 
 
 def adamw_steps(model: torch.nn.Module, w: Workload, steps: int) -> torch.nn.Module:
@@ -221,7 +236,7 @@ def run_topk(
         )
         return r
 
-    later = adamw_steps(w.model, w, later_steps) if later_steps > 0 else None
+    later = later_model(w, later_steps) if later_steps > 0 else None
     ref_later = reference(later, w, kmax) if later is not None else None
     for k in ks:
         values, n, sec, cold = run_sdopt(w.model, w, k, tol)
