@@ -26,7 +26,7 @@ The warm start here is from eigenvectors ``window`` steps old, which flatters it
 
 Usage::
 
-    python benchmarks/overhead.py                   # --window 16 --repeats 1
+    python benchmarks/overhead.py                   # --window 24 --repeats 1
     python benchmarks/overhead.py --window 24 --repeats 3 --threads 2
 """
 
@@ -71,7 +71,7 @@ def run(mode: str, window: int, data, init_state) -> tuple[float, list[float], A
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--window", type=int, default=24)
     parser.add_argument(
         "--every", type=int, default=DEFAULT_EVERY, help="schedule to amortise over"
     )

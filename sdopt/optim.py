@@ -46,7 +46,7 @@ __all__ = ["EXPONENT_MAPS", "MODES", "SDOptimizer"]
 MODES = ("monitor", "lr", "penalty")
 EXPONENT_MAPS = ("gd", "momentum", "adam")
 ESTIMATORS = ("topk", "exact")
-DEFAULT_EVERY = 200
+DEFAULT_EVERY = 400
 DEFAULT_K = 3
 DEFAULT_TOL = 1e-2
 DEFAULT_TRACE_PROBES = 4
@@ -158,7 +158,9 @@ class SDOptimizer(torch.optim.Optimizer):
             iterable such as a ``DataLoader`` (one batch drawn per estimate, re-iterated when
             exhausted), or a zero-argument callable returning a batch.
         mode: ``"monitor"``, ``"lr"`` or ``"penalty"``.
-        every: Estimate every ``every`` steps (``>= 1``).
+        every: Estimate every ``every`` steps (``>= 1``; default 400, chosen so that monitoring
+            the grokking transformer costs under 10 % of training time, see
+            ``benchmarks/overhead.py``).
         k: Number of top Hessian eigenpairs computed at each estimate (``>= 1``).
         estimator: ``"topk"`` (top-``k`` eigenpairs + deflated Hutchinson trace of the bulk) or
             ``"exact"`` (dense full spectrum; small models). See :meth:`_compute_estimate`.
@@ -172,7 +174,8 @@ class SDOptimizer(torch.optim.Optimizer):
         penalty_strength: ``mode="penalty"``: weight of the surrogate's gradient (``>= 0``).
         penalty_temperature: ``mode="penalty"``: temperature of the smooth surrogate (``> 0``).
         penalty_every: ``mode="penalty"``: recompute the penalty gradient every this many steps
-            and reuse it in between (``>= 1``).
+            and reuse it in between (``>= 1``; default 8: a recomputation costs 3–5
+            gradients).
         penalty_warmup: ``mode="penalty"``: linear ramp of the strength over this many steps.
         loggers: Objects with ``log(record)`` (and optionally ``close()``), e.g.
             :class:`sdopt.loggers.WandbLogger`.
@@ -205,7 +208,7 @@ class SDOptimizer(torch.optim.Optimizer):
         controller: LRControllerConfig | dict[str, Any] | None = None,
         penalty_strength: float = 1e-3,
         penalty_temperature: float = 0.1,
-        penalty_every: int = 4,
+        penalty_every: int = 8,
         penalty_warmup: int = 0,
         loggers: Sequence[Any] | Any = (),
         seed: int = 0,
