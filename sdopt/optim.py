@@ -608,7 +608,10 @@ class SDOptimizer(torch.optim.Optimizer):
         from sdopt.dimension import adam_preconditioner
         from sdopt.spectrum import preconditioned
 
-        precond = adam_preconditioner(self.base_optimizer, op.params)
+        # ``op.params`` are detached views (new tensor objects): look the optimizer's own
+        # parameters up by name, in the operator's order.
+        by_name = dict(self.model.named_parameters())
+        precond = adam_preconditioner(self.base_optimizer, [by_name[n] for n in op.names])
         precond = precond.to(dtype=op.dtype, device=op.device)
         return op, preconditioned(op, precond), precond
 
@@ -642,12 +645,10 @@ class SDOptimizer(torch.optim.Optimizer):
         options = dict(self.estimate_kwargs)
         if self.estimator == "exact":
             max_dim = int(options.pop("max_dim", 4096))
-            dense = target.to_dense(max_dim=max_dim) if hasattr(target, "to_dense") else None
-            if dense is None:
-                from sdopt.spectrum import as_operator
-
-                eye = torch.eye(dim, dtype=op.dtype, device=op.device)
-                dense = as_operator(target).matmat(eye)
+            dense = op.to_dense(max_dim=max_dim)
+            if precond is not None:  # P^{-1/2} H P^{-1/2}
+                scale = precond.rsqrt().to(dense)
+                dense = scale[:, None] * dense * scale[None, :]
             evals, evecs = torch.linalg.eigh(0.5 * (dense + dense.T))
             full = evals.flip(0).double()
             vectors = evecs.flip(1)[:, :k].contiguous()

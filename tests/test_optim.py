@@ -727,6 +727,63 @@ def test_topk_bulk_model_uses_the_deflated_trace() -> None:
     assert rec.sharpness_dimension == pytest.approx(expected, abs=4 * rec.uncertainty)
 
 
+def _dense_hessian(model: nn.Module, data) -> torch.Tensor:
+    from torch.func import functional_call, hessian
+
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        chunks = theta.split([s.numel() for s in shapes])
+        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
+        return F.cross_entropy(functional_call(model, params, (data[0],)), data[1])
+
+    return hessian(loss)(flat)
+
+
+@pytest.mark.parametrize("estimator", ["topk", "exact"])
+def test_adam_exponent_map_reads_the_preconditioned_dense_hessian(estimator: str) -> None:
+    from sdopt.dimension import sd_from_spectrum
+
+    model = _model(dropout=0.0)
+    data = _data()
+    base = torch.optim.Adam(model.parameters(), lr=0.05, betas=(0.9, 0.99), eps=1e-8)
+    opt = SDOptimizer(
+        base,
+        model=model,
+        loss_fn=F.cross_entropy,
+        data=data,
+        every=4,
+        k=3,
+        estimator=estimator,
+        exponent_map="adam",
+        tol=1e-10,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _train(model, opt, data, 4)
+    first = opt.history[0]  # step 0: no Adam state yet, the estimate is skipped with the reason
+    assert first.status == "skipped" and "exp_avg_sq" in first.reason
+
+    # ground truth at the parameters and optimizer state the estimate at step 4 will read
+    h = _dense_hessian(model, data)
+    v_hat = torch.cat(
+        [base.state[p]["exp_avg_sq"].reshape(-1) / (1 - 0.99**4) for p in model.parameters()]
+    )
+    scale = (v_hat.sqrt() + 1e-8).rsqrt()
+    expected = torch.linalg.eigvalsh(scale[:, None] * h * scale[None, :]).flip(0)
+    _train(model, opt, data, 1)
+    rec = opt.last_estimate
+    assert rec.step == 4 and rec.ok, rec.reason
+    assert rec.eigenvalues == pytest.approx(expected[:3].tolist(), rel=1e-7)
+    # the preconditioned map sits at Adam's edge: far above the plain Hessian's λ_max
+    assert expected[0] > 10 * torch.linalg.eigvalsh(h)[-1]
+    if estimator == "exact":
+        sd, _ = sd_from_spectrum(expected, 0.05, exponent_map="adam", momentum=0.9)
+        assert rec.sharpness_dimension == pytest.approx(sd, rel=1e-8)
+
+
 # --- penalty mode lowers the sharpness dimension ------------------------------------------------
 
 
