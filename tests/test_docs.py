@@ -1,0 +1,127 @@
+"""The docs site stays whole: every page is in the nav, every relative link resolves, every
+public name has an API entry, and the landing page's quickstart code runs.
+
+The strict ``mkdocs build`` in CI catches the same problems (and more), but needs the docs
+extras and takes a while; these checks are cheap and run with the default test suite.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md"))
+
+FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", flags=re.S | re.M)
+INLINE_CODE = re.compile(r"`[^`\n]*`")
+# [text](target) and ![alt](target); the target ends at whitespace or ")"
+LINK = re.compile(r"!?\[[^\]\n]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+PYTHON_BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", flags=re.S | re.M)
+AUTODOC = re.compile(r"^:::[ \t]+([\w.]+)", flags=re.M)
+
+
+def _nav_pages(node: object) -> list[str]:
+    """All page paths in a mkdocs ``nav`` tree (strings, lists and one-key dicts)."""
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, list):
+        return [page for item in node for page in _nav_pages(item)]
+    if isinstance(node, dict):
+        return [page for value in node.values() for page in _nav_pages(value)]
+    return []
+
+
+def _nav() -> list[str]:
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+    return [p for p in _nav_pages(config["nav"]) if not re.match(r"^[a-z]+://", p)]
+
+
+def _prose(text: str) -> str:
+    """The Markdown without fenced code blocks and inline code (links there are not links)."""
+    return INLINE_CODE.sub("", FENCE.sub("", text))
+
+
+def test_docs_tree_is_found() -> None:
+    assert "index.md" in PAGES and len(PAGES) >= 10
+
+
+def test_every_page_is_in_the_nav_and_every_nav_entry_exists() -> None:
+    nav = _nav()
+    assert sorted(set(PAGES) - set(nav)) == [], "pages missing from mkdocs.yml nav"
+    assert sorted(set(nav) - set(PAGES)) == [], "nav entries without a page"
+    assert len(nav) == len(set(nav)), "a page appears twice in the nav"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_relative_links_point_to_existing_files(page: str) -> None:
+    source = DOCS / page
+    broken = []
+    for target in LINK.findall(_prose(source.read_text(encoding="utf-8"))):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+            continue  # external (https:, mailto:) or same-page anchor
+        path = target.split("#", 1)[0].split("?", 1)[0]
+        resolved = (source.parent / path).resolve()
+        if not resolved.is_file() or DOCS.resolve() not in resolved.parents:
+            broken.append(target)
+    assert broken == [], f"{page}: broken relative links"
+
+
+def test_link_pattern_sees_links_but_not_code() -> None:
+    text = "[a](x.md) ![b](img/y.png#z) `[c](no.md)`\n```\n[d](no2.md)\n```\n[e](https://e.org)"
+    assert LINK.findall(_prose(text)) == ["x.md", "img/y.png#z", "https://e.org"]
+
+
+def test_every_autodoc_block_names_an_importable_object() -> None:
+    missing = []
+    for page in PAGES:
+        for path in AUTODOC.findall((DOCS / page).read_text(encoding="utf-8")):
+            parts = path.split(".")
+            for split in range(len(parts), 0, -1):  # longest importable module prefix
+                try:
+                    obj = importlib.import_module(".".join(parts[:split]))
+                except ImportError:
+                    continue
+                try:
+                    for attr in parts[split:]:
+                        obj = getattr(obj, attr)
+                except AttributeError:
+                    missing.append(f"{page}: {path}")
+                break
+            else:
+                missing.append(f"{page}: {path}")
+    assert missing == []
+
+
+def test_api_reference_documents_every_top_level_name() -> None:
+    import sdopt
+
+    documented = set()
+    for page in (DOCS / "api").glob("*.md"):
+        documented.update(AUTODOC.findall(page.read_text(encoding="utf-8")))
+    undocumented = [
+        f"{module}.{name}"
+        for name, module in sdopt._EXPORTS.items()
+        if f"sdopt.{module}.{name}" not in documented
+    ]
+    assert undocumented == []
+
+
+def test_landing_page_quickstart_runs() -> None:
+    blocks = PYTHON_BLOCK.findall((DOCS / "index.md").read_text(encoding="utf-8"))
+    assert len(blocks) >= 2, "the quickstart lost its code"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest on a busy machine
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for i, code in enumerate(blocks):
+                namespace: dict[str, object] = {"__name__": f"docs_index_block_{i}"}
+                exec(compile(code, f"docs/index.md (python block {i + 1})", "exec"), namespace)
+    finally:
+        torch.set_num_threads(threads)
