@@ -1,14 +1,15 @@
 """The docs site stays whole: every page is in the nav, every relative link resolves, every
-public name has an API entry, and the landing page's quickstart code runs.
-
-The strict ``mkdocs build`` in CI catches the same problems (and more), but needs the docs
-extras and takes a while; these checks are cheap and run with the default test suite.
+public name has an API entry, the landing page's quickstart code runs, and the strict
+``mkdocs build`` of CI passes with every cross-link to the API landing on an anchor.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,52 @@ def test_landing_page_quickstart_runs() -> None:
                 exec(compile(code, f"docs/index.md (python block {i + 1})", "exec"), namespace)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_hook_turns_sphinx_roles_into_links() -> None:
+    sys.path.insert(0, str(ROOT))
+    try:
+        hooks = importlib.import_module("mkdocs_hooks")
+    finally:
+        sys.path.remove(str(ROOT))
+    exports = {"SDOptimizer": "optim", "EstimateRecord": "records"}
+    pages = {"sdopt.optim.SDOptimizer": "api/optimizer/", "sdopt.records.EstimateRecord": "api/x/"}
+    html = (
+        '<h3 id="sdopt.records.EstimateRecord">EstimateRecord</h3>'
+        "<p>See :class:<code>~sdopt.SDOptimizer</code>, :meth:<code>EstimateRecord.to_dict</code>,"
+        " :func:<code>torch.func.hessian</code> and :meth:<code>SDOptimizer._estimate</code>.</p>"
+        '<p>Example::</p>\n<div class="language-text highlight">'
+    )
+    out = hooks.sphinx_roles_to_links(html, "optimizer/", pages, exports)
+    assert 'href="../api/optimizer/#sdopt.optim.SDOptimizer"><code>SDOptimizer</code></a>' in out
+    assert 'href="#sdopt.records.EstimateRecord.to_dict"><code>EstimateRecord.to_dict</code>' in out
+    assert " <code>torch.func.hessian</code> and <code>SDOptimizer._estimate</code>." in out
+    assert "Example:</p>" in out and ":class:" not in out and ":meth:" not in out
+    assert hooks.api_pages(DOCS)["sdopt.optim.SDOptimizer"] == "api/optimizer/"
+
+
+def test_strict_build_and_internal_api_links(tmp_path: Path) -> None:
+    """The CI build, plus what it does not check: every API cross-link lands on an anchor."""
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings")
+    site = tmp_path / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    broken = []
+    for page in site.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        for href in re.findall(r'<a class="autorefs autorefs-internal"[^>]*href="([^"]+)"', text):
+            path, _, anchor = href.partition("#")
+            target = (page.parent / path).resolve() if path else page
+            if target.is_dir():
+                target = target / "index.html"
+            if not target.is_file() or f'id="{anchor}"' not in target.read_text(encoding="utf-8"):
+                broken.append(f"{page.relative_to(site)}: {href}")
+    assert broken == []
