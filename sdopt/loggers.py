@@ -234,7 +234,7 @@ class ConsoleLogger(Logger):
         parts = [
             f"SD {record.sharpness_dimension:.4g} ± {record.uncertainty:.2g}",
             f"λmax {record.lambda_max:.3e}",
-            f"η·λmax/2 {record.edge_ratio:.3f}",
+            f"edge ratio {record.edge_ratio:.3f}",
             f"scale {record.lr_scale:.3f}",
         ]
         if not math.isnan(record.penalty):

@@ -576,7 +576,7 @@ class SDOptimizer(torch.optim.Optimizer):
                 base_lr=base_lr,
                 lr_scale=self.lr_scale,
                 predicted_sharpness_dimension=predicted,
-                edge_ratio=lr * lam_max / 2.0,
+                edge_ratio=lr * lam_max / self._edge(),
                 penalty=penalty,
                 loss=result["loss"],
                 num_products=result["num_products"],
@@ -614,6 +614,12 @@ class SDOptimizer(torch.optim.Optimizer):
         precond = adam_preconditioner(self.base_optimizer, [by_name[n] for n in op.names])
         precond = precond.to(dtype=op.dtype, device=op.device)
         return op, preconditioned(op, precond), precond
+
+    def _edge(self) -> float:
+        """``η·λ_max`` at the edge of stability of the exponent map (2 for ``"gd"``)."""
+        from sdopt.dimension import edge_of_stability
+
+        return edge_of_stability(self.exponent_map, self._sd_kwargs()["momentum"])
 
     def _sd_kwargs(self) -> dict[str, Any]:
         beta = self._momentum() if self.exponent_map != "gd" else 0.0

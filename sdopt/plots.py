@@ -66,12 +66,14 @@ def plot_training(
     grok_step: int | None = None,
     title: str | None = None,
     dpi: int = 110,
+    edge: float = 2.0,
+    edge_label: str | None = None,
 ) -> Path:
     """Write one PNG with three stacked panels sharing a logarithmic step axis.
 
     1. training and validation accuracy;
     2. the sharpness dimension (with its uncertainty band when known);
-    3. ``η·λ_max`` with the line at 2 (edge of stability of GD; a log axis when the values
+    3. ``η·λ_max`` with the line at ``edge`` (2: edge of stability of GD; a log axis when the values
        span decades or lie far below it), and the LR scale of ``SDOptimizer(mode="lr")`` on a
        second axis.
 
@@ -88,6 +90,10 @@ def plot_training(
         grok_step: Step to mark, or ``None``.
         title: Figure title.
         dpi: Resolution.
+        edge: Where the edge-of-stability line is drawn: ``η·λ_max`` at which the exponent map's
+            top exponent turns positive (:func:`sdopt.dimension.edge_of_stability`; 2 for the
+            paper's GD map, 38 for Adam's preconditioned map with ``β₁ = 0.9``).
+        edge_label: Legend text of that line (default ``"<edge> (edge of stability)"``).
 
     Returns:
         The path written.
@@ -140,7 +146,8 @@ def plot_training(
             va="center",
             transform=ax_edge.transAxes,
         )
-    ax_edge.axhline(2.0, color="black", linestyle="--", linewidth=1, label="2 (edge of stability)")
+    label = edge_label or f"{edge:g} (edge of stability)"
+    ax_edge.axhline(edge, color="black", linestyle="--", linewidth=1, label=label)
     ax_edge.set_ylabel("η·λ_max")
     ax_edge.set_xlabel("step")
     ax_scale = ax_edge.twinx()

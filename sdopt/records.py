@@ -42,7 +42,10 @@ class EstimateRecord:
         lr_scale: LR scale in force after this estimate (1.0 outside ``mode="lr"``).
         predicted_sharpness_dimension: In ``mode="lr"``, SD predicted from the stored spectrum at
             the new scale (no extra products); ``nan`` otherwise.
-        edge_ratio: ``lr * lambda_max / 2``; above 1 the step is beyond the edge of stability.
+        edge_ratio: ``lr * lambda_max / edge``, where ``edge`` is the exponent map's edge of
+            stability (:func:`sdopt.dimension.edge_of_stability`: 2 for ``"gd"``); above 1 the
+            step is beyond the edge of stability. (For ``exponent_map="adam"``, ``lambda_max``
+            and ``eigenvalues`` are those of the preconditioned ``P^{-1/2} H P^{-1/2}``.)
         penalty: Value of ``strength x`` smooth SD surrogate (``mode="penalty"``), else ``nan``.
         loss: Training loss on the curvature batch at the estimate.
         num_products: Hessian-vector products (and equivalent gradient evaluations) used.

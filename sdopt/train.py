@@ -731,6 +731,7 @@ def train(
                 out_dir / PLOT_NAME,
                 grok_step=summary["steps_to_95_val_accuracy"],
                 title=_title(config),
+                **_edge_line(config),
             )
     if run is not None:
         run.summary.update(
@@ -743,6 +744,21 @@ def train(
     if callable(close):
         close()
     return TrainResult(summary, rows, records, model, optimizer, dataset, out_dir)
+
+
+def _edge_line(config: TrainConfig) -> dict[str, Any]:
+    """The plot's edge-of-stability line for the run's exponent map (2 for the GD map)."""
+    from sdopt.dimension import edge_of_stability
+
+    exponent_map = config.sd_options.get("exponent_map", "gd")
+    if exponent_map == "gd" or config.sd_mode == "none":
+        return {}
+    adam = "adam" in config.optimizer
+    momentum = config.betas[0] if adam else config.momentum
+    if not adam and exponent_map == "adam":
+        return {}  # rejected by SDOptimizer anyway
+    edge = edge_of_stability(exponent_map, momentum)
+    return {"edge": edge, "edge_label": f"{edge:.3g} (edge of the {exponent_map} map)"}
 
 
 def _title(config: TrainConfig) -> str:

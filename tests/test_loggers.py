@@ -94,7 +94,7 @@ def test_console_logger_prints_every_nth() -> None:
     lines = stream.getvalue().splitlines()
     assert len(lines) == 3
     assert lines[0].startswith("[sdopt] step 0: SD 2.5 ± 0.25")
-    assert "η·λmax/2 1.000" in lines[0] and "12 HVPs" in lines[0] and "4.0% overhead" in lines[0]
+    assert "edge ratio 1.000" in lines[0] and "12 HVPs" in lines[0] and "4.0% overhead" in lines[0]
     assert lines[1].startswith("[sdopt] step 2")
     assert lines[2] == "[sdopt] step 9: estimate skipped (estimate failed: boom)"
 

@@ -777,6 +777,7 @@ def test_adam_exponent_map_reads_the_preconditioned_dense_hessian(estimator: str
     rec = opt.last_estimate
     assert rec.step == 4 and rec.ok, rec.reason
     assert rec.eigenvalues == pytest.approx(expected[:3].tolist(), rel=1e-7)
+    assert rec.edge_ratio == pytest.approx(0.05 * rec.lambda_max / 38.0)  # Adam's edge, β₁ = 0.9
     # the preconditioned map sits at Adam's edge: far above the plain Hessian's λ_max
     assert expected[0] > 10 * torch.linalg.eigvalsh(h)[-1]
     if estimator == "exact":

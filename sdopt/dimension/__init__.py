@@ -20,6 +20,7 @@ from sdopt.dimension.estimators import (
 )
 from sdopt.dimension.exponents import (
     adam_preconditioner,
+    edge_of_stability,
     lyapunov_exponents,
     preconditioned_operator,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "SharpnessDimensionEstimate",
     "SpectrumSketch",
     "adam_preconditioner",
+    "edge_of_stability",
     "estimate_sharpness_dimension",
     "kaplan_yorke_dimension",
     "lyapunov_exponents",

@@ -32,12 +32,34 @@ from sdopt.dimension.kaplan_yorke import check_eigenvalues, gd_exponents
 __all__ = [
     "EXPONENT_MAPS",
     "adam_preconditioner",
+    "edge_of_stability",
     "heavy_ball_exponents",
     "lyapunov_exponents",
     "preconditioned_operator",
 ]
 
 EXPONENT_MAPS = ("gd", "momentum", "adam")
+
+
+def edge_of_stability(map: str = "gd", momentum: float = 0.0) -> float:
+    """The value of ``η·λ_max`` at which the top exponent of ``map`` turns positive.
+
+    ``"gd"``: 2. ``"momentum"`` (heavy ball ``β``): ``2(1 + β)``. ``"adam"`` (frozen
+    preconditioner, ``λ_max`` of ``P^{-1/2} H P^{-1/2}``, first-moment EMA ``β₁``):
+    ``2(1 + β₁)/(1 − β₁)`` — 38 for ``β₁ = 0.9`` (Cohen et al., *Adaptive gradient methods at
+    the edge of stability*). Above it the attractor has a positive exponent and SD > 0.
+
+    Example:
+        >>> edge_of_stability("gd"), edge_of_stability("momentum", 0.9)
+        (2.0, 3.8)
+    """
+    check_choice("map", map, EXPONENT_MAPS)
+    check_in_range("momentum", momentum, 0.0, 1.0, high_open=True)
+    if map == "gd":
+        return 2.0
+    if map == "momentum":
+        return 2.0 * (1.0 + momentum)
+    return 2.0 * (1.0 + momentum) / (1.0 - momentum)
 
 
 def heavy_ball_exponents(

@@ -124,3 +124,30 @@ def test_exponents_reject_bad_lr() -> None:
 def test_complex_pair_modulus_is_sqrt_beta() -> None:
     z = lyapunov_exponents([10.0], 0.1, map="momentum", momentum=0.81)
     assert z.tolist() == pytest.approx([math.log(0.9)] * 2)
+
+
+@pytest.mark.parametrize(
+    ("map", "momentum", "edge"),
+    [("gd", 0.0, 2.0), ("momentum", 0.9, 3.8), ("momentum", 0.5, 3.0), ("adam", 0.9, 38.0),
+     ("adam", 0.0, 2.0)],
+)  # fmt: skip
+def test_edge_of_stability_is_where_the_top_exponent_turns_positive(
+    map: str, momentum: float, edge: float
+) -> None:
+    from sdopt.dimension import edge_of_stability
+
+    assert edge_of_stability(map, momentum) == pytest.approx(edge, rel=1e-12)
+    lr = 0.01
+    for factor, sign in ((0.99, -1), (1.01, 1)):
+        alpha = torch.tensor([factor * edge / lr], dtype=torch.float64)
+        top = lyapunov_exponents(alpha, lr, map=map, momentum=momentum).max()
+        assert torch.sign(top) == sign
+
+
+def test_edge_of_stability_rejects_bad_input() -> None:
+    from sdopt.dimension import edge_of_stability
+
+    with pytest.raises(ValueError, match="Invalid map: 'sgd'"):
+        edge_of_stability("sgd")
+    with pytest.raises(ValueError, match="Invalid momentum: 1.0"):
+        edge_of_stability("momentum", 1.0)
