@@ -149,5 +149,5 @@ def test_edge_of_stability_rejects_bad_input() -> None:
 
     with pytest.raises(ValueError, match="Invalid map: 'sgd'"):
         edge_of_stability("sgd")
-    with pytest.raises(ValueError, match="Invalid momentum: 1.0"):
+    with pytest.raises(ValueError, match=r"Invalid momentum: 1\.0"):
         edge_of_stability("momentum", 1.0)
