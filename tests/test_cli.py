@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -165,6 +166,17 @@ def test_defaults_are_the_documented_ones() -> None:
     args = build_parser().parse_args(["grok"])
     assert args.p == GROK_DEFAULTS["p"] and args.mode == "monitor" and args.optimizer == "adamw"
     assert args.steps == GROK_DEFAULTS["steps"] and args.wandb == "disabled"
+
+
+@pytest.mark.parametrize("command", ["grok", "sweep"])
+def test_docs_show_the_current_help(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # docs/cli.md pastes `COLUMNS=100 sdopt <command> --help`; defaults must not go stale there
+    monkeypatch.setenv("COLUMNS", "100")
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    text = sub.choices[command].format_help().rstrip("\n")
+    page = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    assert "```text\n" + text + "\n```" in page
 
 
 def test_python_dash_m_help() -> None:
