@@ -2,7 +2,8 @@
 curvlinops + scipy ``eigsh``, on the workloads of ``benchmarks/workloads.py``.
 
 For k = 1, 5, 20 it prints, per method: products, gradient-equivalents (wall time / one full-batch
-gradient measured in the same process), wall seconds and the relative error of the k eigenvalues
+gradient, timed just before and after each method in the same process, so that load drifting
+on a shared machine cancels), wall seconds and the relative error of the k eigenvalues
 against a tight reference (sdopt at residual tolerance 1e-6, i.e. eigenvalue error < 1e-6
 relative by Weyl's bound). Every method's product count includes everything it multiplied.
 
@@ -219,12 +220,24 @@ def run_topk(
     ref = reference(w.model, w, kmax)
     rows: list[dict] = []
 
+    def timed(fn, *args, **kwargs):
+        """Run ``fn`` between two gradient timings: load on a shared machine drifts over a
+        run of many minutes, so each method is divided by the gradient time next to it."""
+        before = gradient_seconds(w, repeats=3)
+        out = fn(*args, **kwargs)
+        after = gradient_seconds(w, repeats=3)
+        timed.grad_s = 0.5 * (before + after)
+        return out
+
+    timed.grad_s = grad_s
+
     def row(method, k, values, products, seconds, truth=ref, **extra):
         r = {
             "method": method,
             "k": k,
             "products": int(products),
-            "grad_eq": seconds / grad_s,
+            "grad_eq": seconds / timed.grad_s,
+            "gradient_ms": 1e3 * timed.grad_s,
             "seconds": seconds,
             "rel_error": rel_error(values, truth) if values is not None else math.nan,
             **extra,
@@ -239,12 +252,12 @@ def run_topk(
     later = later_model(w, later_steps) if later_steps > 0 else None
     ref_later = reference(later, w, kmax) if later is not None else None
     for k in ks:
-        values, n, sec, cold = run_sdopt(w.model, w, k, tol)
+        values, n, sec, cold = timed(run_sdopt, w.model, w, k, tol)
         row("sdopt cold", k, values, n, sec, converged=cold.converged)
         if later is not None:
-            v2, n2, s2, cold2 = run_sdopt(later, w, k, tol)
+            v2, n2, s2, cold2 = timed(run_sdopt, later, w, k, tol)
             row("sdopt cold (later)", k, v2, n2, s2, truth=ref_later, converged=cold2.converged)
-            v3, n3, s3, warm = run_sdopt(later, w, k, tol, init=cold.eigenvectors)
+            v3, n3, s3, warm = timed(run_sdopt, later, w, k, tol, init=cold.eigenvectors)
             row(
                 "sdopt warm (later)",
                 k,
@@ -258,7 +271,7 @@ def run_topk(
             say(f"    warm/cold products = {n3}/{n2} = {n3 / n2:.2f}")
         for name in anchors:
             try:
-                values, n, sec = RUNNERS[name](w.model, w, k, tol)
+                values, n, sec = timed(RUNNERS[name], w.model, w, k, tol)
             except ImportError as error:
                 rows.append({"method": name, "k": k, "note": f"unavailable: {error}"})
                 say(f"  {name:18s} k={k:2d} unavailable: {error}")
