@@ -9,6 +9,9 @@ training, GELU MLP of width 256, full batch, AdamW lr 3e-3, weight decay 1):
 - ``sd-lr-up``: ``mode="lr"`` allowed to raise the LR up to 4× while the predicted SD stays 0.
 - ``adamw-4x``: AdamW at 4× the LR (the control for ``sd-lr-up``).
 - ``sd-penalty``: ``SDOptimizer(mode="penalty")`` with its default strength.
+- ``sd-lr-adam-up``: ``mode="lr"`` on Adam's preconditioned map (``exponent_map="adam"``, edge
+  ``2(1 + β₁)/((1 − β₁)η)``), allowed to raise the LR up to 16× while its predicted SD stays 0.
+- ``adamw-16x``: AdamW at 16× the LR (the control for ``sd-lr-adam-up``).
 
 Every run stops once validation accuracy reaches ``--stop-at`` (0.99 by default: equal final
 accuracy) or after ``--steps``. The table gives the median over seeds of steps and seconds to
@@ -56,6 +59,11 @@ METHODS = {
     "sd-lr-up": {"sd_mode": "lr", "sd_options": {"controller": {"max_scale": 4.0}}},
     "adamw-4x": {"lr": 1.2e-2},
     "sd-penalty": {"sd_mode": "penalty"},
+    "sd-lr-adam-up": {
+        "sd_mode": "lr",
+        "sd_options": {"exponent_map": "adam", "controller": {"max_scale": 16.0}},
+    },
+    "adamw-16x": {"lr": 4.8e-2},
 }
 
 
