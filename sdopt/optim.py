@@ -166,7 +166,9 @@ class SDOptimizer(torch.optim.Optimizer):
             ``"exact"`` (dense full spectrum; small models). See :meth:`_compute_estimate`.
         exponent_map: ``"gd"`` (the paper's map ``I - ηH``), ``"momentum"`` (heavy ball with
             the base optimizer's momentum / ``betas[0]``) or ``"adam"`` (preconditioned by the
-            base optimizer's second-moment estimate).
+            base optimizer's second-moment estimate; an estimate due before the base
+            optimizer's first step, when there is no second moment yet, is made at the next
+            step).
         target_sd: ``mode="lr"``: largest allowed predicted SD (shortcut for
             ``controller=LRControllerConfig(target_sd=...)``).
         controller: ``mode="lr"``: an :class:`sdopt.control.LRControllerConfig` or a dict of
@@ -316,6 +318,9 @@ class SDOptimizer(torch.optim.Optimizer):
         self._spectrum: Any = None  # the last estimate object, for predictions (not saved)
         self._sdopt_seconds = 0.0  # sdopt's own time since the last estimate started
         self._interval_start: float | None = None  # when the last estimate started
+        # exponent_map='adam' before the base optimizer's first step: no preconditioner yet, the
+        # estimate due is made at the next step instead
+        self._deferred = False
 
     # ------------------------------------------------------------------ torch.optim contract
 
@@ -408,7 +413,7 @@ class SDOptimizer(torch.optim.Optimizer):
                 loss = closure()
         t = self.step_count
         start = time.perf_counter()
-        estimate_due = t % self.every == 0
+        estimate_due = t % self.every == 0 or self._deferred
         penalty_due = self.mode == "penalty" and t % self.penalty_every == 0
         loss_ok = self._loss_is_finite(loss, agree=estimate_due or penalty_due)
         if estimate_due:
@@ -504,6 +509,9 @@ class SDOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ estimates
 
     def _estimate(self, t: int, loss_ok: bool) -> None:
+        self._deferred = self.exponent_map == "adam" and not self.base_optimizer.state
+        if self._deferred:  # Adam's preconditioner does not exist before its first step
+            return
         if not loss_ok:
             self._skip(t, "non-finite loss")
             return
@@ -837,6 +845,7 @@ class SDOptimizer(torch.optim.Optimizer):
                 "version": _STATE_VERSION,
                 "mode": self.mode,
                 "step_count": self.step_count,
+                "deferred": self._deferred,
                 "lr_scale": self.lr_scale,
                 "controller_state": self.controller_state.to_dict(),
                 "generator": self.generator.get_state(),
@@ -875,6 +884,7 @@ class SDOptimizer(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict["base"])
         device = self._device
         self.step_count = int(s["step_count"])
+        self._deferred = bool(s.get("deferred", False))
         self.lr_scale = float(s["lr_scale"])
         self.controller_state = LRControllerState.from_dict(s["controller_state"])
         self.generator.set_state(s["generator"])
