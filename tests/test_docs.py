@@ -132,6 +132,23 @@ def test_landing_page_quickstart_runs() -> None:
         torch.set_num_threads(threads)
 
 
+def test_readme_snippets_run() -> None:
+    readme = DOCS.parent / "README.md"
+    blocks = PYTHON_BLOCK.findall(readme.read_text(encoding="utf-8"))
+    assert len(blocks) >= 2, "the README lost its code"
+    namespace: dict[str, object] = {"__name__": "readme"}  # the blocks build on each other
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for i, code in enumerate(blocks):
+                exec(compile(code, f"README.md (python block {i + 1})", "exec"), namespace)
+    finally:
+        torch.set_num_threads(threads)
+    rec = namespace["rec"]
+    assert rec.ok and rec.step == 40 and rec.lambda_max > 0
+
+
 def test_hook_turns_sphinx_roles_into_links() -> None:
     sys.path.insert(0, str(ROOT))
     try:
