@@ -23,7 +23,9 @@ def check_positive(name: str, value: float, *, allow_zero: bool = False) -> floa
     return float(value)
 
 
-def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+def check_int(
+    name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
     """An integer (not bool) within ``[minimum, maximum]``."""
     if isinstance(value, bool) or not isinstance(value, int):
         try:
@@ -43,7 +45,13 @@ def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int
 
 
 def check_in_range(
-    name: str, value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
 ) -> float:
     """A finite number in the interval given by ``low``, ``high`` and openness flags."""
     try:
@@ -63,6 +71,10 @@ def check_in_range(
 def check_choice(name: str, value: Any, choices: Container[Any]) -> Any:
     """``value`` is one of ``choices``."""
     if value not in choices:
-        options = ", ".join(repr(c) for c in choices) if isinstance(choices, (list, tuple, set, frozenset)) else str(choices)
+        options = (
+            ", ".join(repr(c) for c in choices)
+            if isinstance(choices, (list, tuple, set, frozenset))
+            else str(choices)
+        )
         raise ValueError(f"Invalid {name}: {_fmt(value)} (must be one of {options})")
     return value

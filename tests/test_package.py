@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("name", sorted(sdopt._EXPORTS))
 def test_public_name_resolves(name: str) -> None:
-    assert getattr(sdopt, name) is getattr(importlib.import_module(f"sdopt.{sdopt._EXPORTS[name]}"), name)
+    assert getattr(sdopt, name) is getattr(
+        importlib.import_module(f"sdopt.{sdopt._EXPORTS[name]}"), name
+    )
 
 
 def test_unknown_attribute_raises() -> None:
