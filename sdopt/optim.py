@@ -613,12 +613,13 @@ class SDOptimizer(torch.optim.Optimizer):
         op = HessianOperator(self.model, self.loss_fn, batch, dropout=self.dropout)
         if self.exponent_map != "adam":
             return op, op, None
+        from sdopt.curvature.functional import _unwrap
         from sdopt.dimension import adam_preconditioner
         from sdopt.spectrum import preconditioned
 
         # ``op.params`` are detached views (new tensor objects): look the optimizer's own
         # parameters up by name, in the operator's order.
-        by_name = dict(self.model.named_parameters())
+        by_name = dict(_unwrap(self.model).named_parameters())  # DDP / compile: the op's names
         precond = adam_preconditioner(self.base_optimizer, [by_name[n] for n in op.names])
         precond = precond.to(dtype=op.dtype, device=op.device)
         return op, preconditioned(op, precond), precond

@@ -786,6 +786,39 @@ def test_adam_exponent_map_reads_the_preconditioned_dense_hessian(estimator: str
         assert rec.sharpness_dimension == pytest.approx(sd, rel=1e-8)
 
 
+def test_compiled_model_is_measured_eagerly_on_the_same_parameters() -> None:
+    from sdopt.curvature import CurvatureFallbackWarning
+
+    data = _data()
+
+    def run(compiled: bool):
+        model = _model(dropout=0.0)
+        net = torch.compile(model) if compiled else model
+        opt = SDOptimizer(
+            torch.optim.Adam(model.parameters(), lr=1e-2),
+            model=net,
+            loss_fn=F.cross_entropy,
+            data=data,
+            every=3,
+            k=2,
+            exponent_map="adam",
+            tol=1e-8,
+        )
+        for _ in range(7):
+            opt.zero_grad()
+            F.cross_entropy(net(data[0]), data[1]).backward()
+            opt.step()
+        return opt.history
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CurvatureFallbackWarning)  # no fallback: eager products
+        compiled = run(True)
+    eager = run(False)
+    assert [r.step for r in compiled] == [1, 3, 6] and all(r.ok for r in compiled)
+    for a, b in zip(compiled, eager):
+        assert a.eigenvalues == pytest.approx(b.eigenvalues, rel=1e-6)
+
+
 # --- penalty mode lowers the sharpness dimension ------------------------------------------------
 
 

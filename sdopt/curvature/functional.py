@@ -90,11 +90,28 @@ def normalize_batches(data: Any) -> list[Batch]:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip DistributedDataParallel / DataParallel wrappers (their forward syncs buffers)."""
+    """The module whose parameters the curvature is taken of, without wrappers.
+
+    DistributedDataParallel / DataParallel are stripped (their forward syncs buffers), and so
+    is ``torch.compile``'s ``OptimizedModule``: curvature passes run the original module eagerly
+    (compiled backward graphs refuse double backward), on the very same parameters.
+    """
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # pragma: no cover - torch builds without dynamo
+        return False
+    return isinstance(model, OptimizedModule)
 
 
 def _call_model(model: nn.Module, state: dict[str, Tensor], inputs: Any) -> Any:
