@@ -427,14 +427,34 @@ class SDOptimizer(torch.optim.Optimizer):
             try:
                 for group, lr in zip(self.param_groups, saved):
                     group["lr"] = lr * self.lr_scale
-                self.base_optimizer.step()
+                self._base_step(closure, loss)
             finally:
                 for group, lr in zip(self.param_groups, saved):
                     group["lr"] = lr
         else:
-            self.base_optimizer.step()
+            self._base_step(closure, loss)
         self.step_count += 1
         return loss
+
+    def _base_step(self, closure: Callable[[], Any] | None, loss: Any) -> None:
+        """The base optimizer's step. With a closure, the base gets one too: its first call
+        returns the loss the closure already produced (the gradients are in place), later
+        calls re-evaluate — so ``SGD``/``Adam`` evaluate the closure once, as they would alone,
+        and optimizers that re-evaluate (``LBFGS``) work."""
+        if closure is None:
+            self.base_optimizer.step()
+            return
+        first = True
+
+        def replay() -> Any:
+            nonlocal first
+            if first:
+                first = False
+                return loss
+            with torch.enable_grad():
+                return closure()
+
+        self.base_optimizer.step(replay)
 
     def _loss_is_finite(self, loss: Any, *, agree: bool) -> bool:
         """Whether the closure's loss is finite; with ``agree`` (an estimate or a penalty

@@ -173,6 +173,35 @@ def test_closure_runs_immediately_under_enable_grad() -> None:
     assert opt.step_count == 1
 
 
+@pytest.mark.parametrize("mode", ["monitor", "lr"])
+def test_lbfgs_reevaluates_the_closure_and_monitor_equals_bare(mode: str) -> None:
+    x, y = _data()
+
+    def run(wrap: bool):
+        model = _model(dropout=0.0)
+        base = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+        opt = _sd(model, base, every=2, mode=mode) if wrap else base
+        calls = []
+
+        def closure():
+            calls.append(1)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        losses = [float(opt.step(closure)) for _ in range(5)]
+        return losses, _params(model), len(calls), opt
+
+    bare_losses, bare_params, bare_calls, _ = run(False)
+    losses, params, calls, opt = run(True)
+    assert calls > 5  # LBFGS re-evaluated the closure inside the steps
+    assert [r.step for r in opt.history if r.ok] == [0, 2, 4]
+    if mode == "monitor":  # the first evaluation is shared, not repeated: bit for bit
+        assert losses == bare_losses and calls == bare_calls
+        _assert_equal(params, bare_params)
+
+
 def test_zero_grad_and_add_param_group_and_frozen_params() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
