@@ -640,9 +640,21 @@ class SDOptimizer(torch.optim.Optimizer):
         # ``op.params`` are detached views (new tensor objects): look the optimizer's own
         # parameters up by name, in the operator's order.
         by_name = dict(_unwrap(self.model).named_parameters())  # DDP / compile: the op's names
-        precond = adam_preconditioner(self.base_optimizer, [by_name[n] for n in op.names])
+        precond = adam_preconditioner(
+            self.base_optimizer, [by_name[n] for n in op.names], missing="frozen"
+        )
         precond = precond.to(dtype=op.dtype, device=op.device)
-        return op, preconditioned(op, precond), precond
+        if bool(torch.isfinite(precond).all()):
+            return op, preconditioned(op, precond), precond
+        # parameters Adam has never moved (no gradient yet): P^{-1/2} = 0 there, the map is
+        # the identity in those coordinates
+        from sdopt.spectrum import LinearOperator
+
+        d = precond.rsqrt()[:, None]
+        target = LinearOperator(
+            op.dim, lambda V: d * op.matmat(d * V), dtype=op.dtype, device=op.device, source=op
+        )
+        return op, target, precond
 
     def _edge(self) -> float:
         """``η·λ_max`` at the edge of stability of the exponent map (2 for ``"gd"``)."""

@@ -815,6 +815,47 @@ def test_adam_exponent_map_reads_the_preconditioned_dense_hessian(estimator: str
         assert rec.sharpness_dimension == pytest.approx(sd, rel=1e-8)
 
 
+def test_adam_map_with_a_parameter_that_never_gets_a_gradient() -> None:
+    class WithSpare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _model(dropout=0.0)
+            self.spare = nn.Linear(2, 2).double()  # in the optimizer, never in the loss
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    model = WithSpare()
+    data = _data()
+    base = torch.optim.Adam(model.parameters(), lr=0.05, betas=(0.9, 0.99))
+    opt = SDOptimizer(
+        base,
+        model=model,
+        loss_fn=F.cross_entropy,
+        data=data,
+        every=4,
+        k=3,
+        estimator="exact",
+        exponent_map="adam",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(model, opt, data, 4)
+    used = [p for n, p in model.named_parameters() if not n.startswith("spare")]
+    h = _dense_hessian(model, data)[: sum(p.numel() for p in used)][
+        :, : sum(p.numel() for p in used)
+    ]
+    v_hat = torch.cat([base.state[p]["exp_avg_sq"].reshape(-1) / (1 - 0.99**4) for p in used])
+    scale = (v_hat.sqrt() + 1e-8).rsqrt()
+    expected = torch.linalg.eigvalsh(scale[:, None] * h * scale[None, :]).flip(0)
+    _train(model, opt, data, 1)
+    rec = opt.last_estimate
+    assert rec.step == 4 and rec.ok, rec.reason
+    assert rec.eigenvalues == pytest.approx(expected[:3].tolist(), rel=1e-7)
+    # the frozen coordinates add zero eigenvalues (identity map, exponent 0), nothing else
+    assert rec.trace == pytest.approx(float(expected.sum()), rel=1e-7)
+
+
 def test_compiled_model_is_measured_eagerly_on_the_same_parameters() -> None:
     from sdopt.curvature import CurvatureFallbackWarning
 

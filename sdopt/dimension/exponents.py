@@ -21,6 +21,7 @@ the step Jacobian ``I − ηH`` are ``|1 − ηα|``. The other maps go beyond t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -152,7 +153,10 @@ def exponent_multiplicity(map: str, momentum: float) -> int:
 
 
 def adam_preconditioner(
-    optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor] | None = None
+    optimizer: torch.optim.Optimizer,
+    params: Iterable[torch.Tensor] | None = None,
+    *,
+    missing: str = "raise",
 ) -> torch.Tensor:
     """Frozen Adam/AdamW preconditioner ``P = sqrt(v̂) + ε`` as one flat vector.
 
@@ -165,13 +169,18 @@ def adam_preconditioner(
             taken at least one step.
         params: the parameters, in the order of the flat vectors used by the Hessian operator
             (default: the optimizer's parameters in group order).
+        missing: what a parameter without Adam state (one that never had a gradient, so
+            Adam has never moved it) gets: ``"raise"`` a ``ValueError``; ``"frozen"``
+            ``P = inf``, i.e. ``P^{-1/2} = 0``: the map leaves it where it is (exponent 0).
 
     Returns:
-        float64 tensor ``(d,)`` with ``P > 0``.
+        float64 tensor ``(d,)`` with ``P > 0`` (``inf`` for frozen parameters).
 
     Raises:
-        ValueError: if a parameter has no Adam state yet.
+        ValueError: if a parameter has no Adam state and ``missing="raise"``, or if the
+            optimizer has no Adam state at all.
     """
+    check_choice("missing", missing, ("raise", "frozen"))
     group_of: dict[int, dict[str, Any]] = {}
     ordered: list[torch.Tensor] = []
     for group in optimizer.param_groups:
@@ -180,18 +189,30 @@ def adam_preconditioner(
             ordered.append(p)
     plist = list(params) if params is not None else ordered
     pieces = []
+    found = False
     for p in plist:
         group = group_of.get(id(p))
         state = optimizer.state.get(p, {})
         if group is None or "exp_avg_sq" not in state:
+            if missing == "frozen" and group is not None:
+                pieces.append(
+                    torch.full((p.numel(),), math.inf, dtype=torch.float64, device=p.device)
+                )
+                continue
             raise ValueError(
                 "Invalid optimizer: a parameter has no Adam state 'exp_avg_sq' "
                 "(take at least one optimizer step first)"
             )
+        found = True
         beta2 = float(group["betas"][1])
         step = float(state.get("step", 1))
         v_hat = state["exp_avg_sq"].detach().to(torch.float64) / (1.0 - beta2**step)
         pieces.append((v_hat.sqrt() + float(group["eps"])).reshape(-1))
+    if not found:
+        raise ValueError(
+            "Invalid optimizer: no parameter has Adam state 'exp_avg_sq' "
+            "(take at least one optimizer step first)"
+        )
     return torch.cat(pieces)
 
 

@@ -89,6 +89,25 @@ def test_adam_preconditioner_requires_state() -> None:
         adam_preconditioner(opt)
 
 
+def test_adam_preconditioner_marks_never_stepped_parameters_frozen() -> None:
+    torch.manual_seed(0)
+    used, unused = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam([*used.parameters(), *unused.parameters()])
+    opt.zero_grad()
+    used(torch.randn(4, 3)).sum().backward()
+    opt.step()  # `unused` never gets a gradient, so Adam keeps no state for it
+    with pytest.raises(ValueError, match="a parameter has no Adam state"):
+        adam_preconditioner(opt)
+    p = adam_preconditioner(opt, missing="frozen")
+    assert torch.isfinite(p[:8]).all() and (p[:8] > 0).all()
+    assert torch.isinf(p[8:]).all() and p.shape == (14,)
+    with pytest.raises(ValueError, match="Invalid missing: 'skip'"):
+        adam_preconditioner(opt, missing="skip")
+    fresh = torch.optim.Adam(unused.parameters())
+    with pytest.raises(ValueError, match="no parameter has Adam state"):
+        adam_preconditioner(fresh, missing="frozen")
+
+
 def test_preconditioned_dense_matrix_has_spectrum_of_p_inverse_h() -> None:
     g = torch.Generator().manual_seed(0)
     a = torch.randn(6, 6, generator=g, dtype=torch.float64)
