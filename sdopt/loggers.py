@@ -214,7 +214,7 @@ class ConsoleLogger(Logger):
 
     Example line::
 
-        [sdopt] step 200: SD 3.41 ± 0.12 | λmax 1.93e+01 | η·λmax/2 0.97 | scale 1.000 | 34 HVPs, 0.21 s, 4.1% overhead
+        [sdopt] step 200: SD 3.41 ± 0.12 | λmax 1.93e+01 | edge ratio 0.97 | scale 1.000 | 34 HVPs, 0.21 s, 4.1% overhead
 
     Args:
         stream: Where to print (``sys.stderr`` by default).
