@@ -1,7 +1,7 @@
 """What steering by the sharpness dimension does at the edge of stability.
 
 The paper's grokking setup at CPU scale (the same as ``sdopt study grokking``): (a + b) mod 97,
-40 % of the pairs for training, a bias-free 3-layer MLP of width 32 with its initial weights
+40 % of the pairs for training, a bias-free 3-layer GELU MLP of width 32 with its initial weights
 scaled by 3, full-batch SGD with lr 1, momentum 0.9 and weight decay 5e-4, 2,500 epochs. In this
 run λ_max climbs past 2/η while the network memorises (η·λ_max ≈ 2.6), so the paper's GD map
 has expanding directions and the sharpness dimension is positive: steering has something to act
