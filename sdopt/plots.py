@@ -59,6 +59,23 @@ def _estimates(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], l
     return xs, [seen[x] for x in xs]
 
 
+def sd_panel_note(sd: Sequence[float], lr_lambda_max: Sequence[float], edge: float) -> str:
+    """The SD panel's explanation when every estimate is 0 (a flat line says little alone).
+
+    SD is 0 exactly when every Lyapunov exponent is negative: the map contracts in every
+    direction, which for a positive semi-definite top of the spectrum means η·λ_max below the
+    edge of stability.
+    """
+    if not sd or any(v != 0 for v in sd):
+        return ""
+    if lr_lambda_max and max(lr_lambda_max) < edge:
+        return (
+            f"SD = 0 at every estimate: η·λ_max ≤ {max(lr_lambda_max):.2g} stayed below the "
+            f"edge ({edge:g}),\nso every Lyapunov exponent is negative (the map contracts)"
+        )
+    return "SD = 0 at every estimate: every Lyapunov exponent is negative"
+
+
 def plot_training(
     rows: Sequence[dict[str, Any]],
     path: str | Path,
@@ -121,6 +138,10 @@ def plot_training(
             lo = [y - u for y, u in zip(ys, us)]
             hi = [y + u for y, u in zip(ys, us)]
             ax_sd.fill_between(xs, lo, hi, color="tab:green", alpha=0.2, linewidth=0)
+        note = sd_panel_note(ys, _estimates(rows, "lr_lambda_max")[1], edge)
+        if note:
+            ax_sd.text(0.5, 0.62, note, ha="center", va="center", transform=ax_sd.transAxes,
+                       fontsize=9, color="dimgray")  # fmt: skip
     else:
         ax_sd.text(
             0.5,

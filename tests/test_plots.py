@@ -70,3 +70,15 @@ def test_estimates_are_one_point_per_estimate() -> None:
 def test_plot_rejects_no_rows(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"Invalid rows: \[\]"):
         plot_training([], tmp_path / "g.png")
+
+
+def test_sd_panel_explains_a_flat_zero() -> None:
+    from sdopt.plots import sd_panel_note
+
+    note = sd_panel_note([0.0, 0.0], [1e-3, 2e-4], 2.0)
+    assert "η·λ_max ≤ 0.001 stayed below the edge (2)" in note
+    assert sd_panel_note([0.0, 0.0], [2.5], 2.0) == (
+        "SD = 0 at every estimate: every Lyapunov exponent is negative"
+    )  # above the edge yet SD 0: the rest of the spectrum contracts more
+    assert sd_panel_note([0.0, 1.5], [2.5, 2.5], 2.0) == ""
+    assert sd_panel_note([], [], 2.0) == ""
