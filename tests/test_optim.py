@@ -771,6 +771,24 @@ def _dense_hessian(model: nn.Module, data) -> torch.Tensor:
     return hessian(loss)(flat)
 
 
+def _adam_map_opt(model: nn.Module, base, data, **kw) -> SDOptimizer:
+    kw.setdefault("estimator", "exact")
+    return SDOptimizer(
+        base, model=model, loss_fn=F.cross_entropy, data=data, every=4, k=3,
+        exponent_map="adam", **kw,
+    )  # fmt: skip
+
+
+def _preconditioned_spectrum(model: nn.Module, base, data, params, steps: int):
+    """Dense ``eigvalsh(P^{-1/2} H P^{-1/2})`` (decreasing) over the leading ``params`` of
+    ``model`` (Adam with β₂ = 0.99, ε = 1e-8 after ``steps`` steps) and the plain ``H``."""
+    n = sum(p.numel() for p in params)
+    h = _dense_hessian(model, data)[:n, :n]
+    v_hat = torch.cat([base.state[p]["exp_avg_sq"].reshape(-1) / (1 - 0.99**steps) for p in params])
+    scale = (v_hat.sqrt() + 1e-8).rsqrt()
+    return torch.linalg.eigvalsh(scale[:, None] * h * scale[None, :]).flip(0), h
+
+
 @pytest.mark.parametrize("estimator", ["topk", "exact"])
 def test_adam_exponent_map_reads_the_preconditioned_dense_hessian(estimator: str) -> None:
     from sdopt.dimension import sd_from_spectrum
@@ -778,17 +796,7 @@ def test_adam_exponent_map_reads_the_preconditioned_dense_hessian(estimator: str
     model = _model(dropout=0.0)
     data = _data()
     base = torch.optim.Adam(model.parameters(), lr=0.05, betas=(0.9, 0.99), eps=1e-8)
-    opt = SDOptimizer(
-        base,
-        model=model,
-        loss_fn=F.cross_entropy,
-        data=data,
-        every=4,
-        k=3,
-        estimator=estimator,
-        exponent_map="adam",
-        tol=1e-10,
-    )
+    opt = _adam_map_opt(model, base, data, estimator=estimator, tol=1e-10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning: the estimate due at step 0 is deferred ...
         _train(model, opt, data, 4)
@@ -797,12 +805,7 @@ def test_adam_exponent_map_reads_the_preconditioned_dense_hessian(estimator: str
     assert opt.state_dict()["sdopt"]["deferred"] is False
 
     # ground truth at the parameters and optimizer state the estimate at step 4 will read
-    h = _dense_hessian(model, data)
-    v_hat = torch.cat(
-        [base.state[p]["exp_avg_sq"].reshape(-1) / (1 - 0.99**4) for p in model.parameters()]
-    )
-    scale = (v_hat.sqrt() + 1e-8).rsqrt()
-    expected = torch.linalg.eigvalsh(scale[:, None] * h * scale[None, :]).flip(0)
+    expected, h = _preconditioned_spectrum(model, base, data, list(model.parameters()), 4)
     _train(model, opt, data, 1)
     rec = opt.last_estimate
     assert rec.step == 4 and rec.ok, rec.reason
@@ -828,26 +831,12 @@ def test_adam_map_with_a_parameter_that_never_gets_a_gradient() -> None:
     model = WithSpare()
     data = _data()
     base = torch.optim.Adam(model.parameters(), lr=0.05, betas=(0.9, 0.99))
-    opt = SDOptimizer(
-        base,
-        model=model,
-        loss_fn=F.cross_entropy,
-        data=data,
-        every=4,
-        k=3,
-        estimator="exact",
-        exponent_map="adam",
-    )
+    opt = _adam_map_opt(model, base, data)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _train(model, opt, data, 4)
     used = [p for n, p in model.named_parameters() if not n.startswith("spare")]
-    h = _dense_hessian(model, data)[: sum(p.numel() for p in used)][
-        :, : sum(p.numel() for p in used)
-    ]
-    v_hat = torch.cat([base.state[p]["exp_avg_sq"].reshape(-1) / (1 - 0.99**4) for p in used])
-    scale = (v_hat.sqrt() + 1e-8).rsqrt()
-    expected = torch.linalg.eigvalsh(scale[:, None] * h * scale[None, :]).flip(0)
+    expected, _ = _preconditioned_spectrum(model, base, data, used, 4)
     _train(model, opt, data, 1)
     rec = opt.last_estimate
     assert rec.step == 4 and rec.ok, rec.reason
