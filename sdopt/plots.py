@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_training"]
+__all__ = ["plot_training", "sd_panel_note"]
 
 
 def _matplotlib() -> Any:
