@@ -395,7 +395,9 @@ class SDOptimizer(torch.optim.Optimizer):
         Order: (1) the closure, if given, under ``enable_grad``; (2) the estimate, if due;
         (3) ``mode="penalty"``: the penalty gradient is added to ``.grad``; (4) the base step,
         with every group's ``lr`` multiplied by :attr:`lr_scale` (``mode="lr"``) and restored
-        right after.
+        right after. With a closure, the base step receives one that returns the loss already
+        computed on its first call and re-evaluates the user's closure on later calls (so
+        ``LBFGS`` works and ``SGD``/``Adam`` evaluate the closure once).
 
         A non-finite closure loss (or loss on the curvature batch) skips the estimate and the
         penalty, with a warning and a ``"skipped"`` record; the base step is still called, so
