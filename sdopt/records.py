@@ -34,6 +34,18 @@ class EstimateRecord:
         reason: Why the estimate was skipped (``None`` when ``status == "ok"``).
         sharpness_dimension: SD estimate at the learning rate in force, ``lr``.
         uncertainty: Its uncertainty (standard error from the estimator, ``nan`` if unknown).
+        sd_low, sd_high: The plausible range of SD: the point value ± 2 standard errors,
+            widened to every value the spectrum's uncertain extremes allow (an eigenvalue whose
+            residual bound straddles ``0`` or the edge moves SD across a jump). A wide range
+            next to a point value says the estimate straddles a jump.
+        n_edge: Number of eigenvalues beyond the exponent map's edge of stability (``α >
+            edge/η``): the directions a smaller learning rate would stabilise.
+        n_neg: Number of negative eigenvalues: expanding at every learning rate.
+        total_exponent: ``T = Σ_i z_i``, the sum of all exponents (``log|det|`` of the step
+            Jacobian). ``T ≥ 0`` gives ``SD = d``.
+        j_star: ``⌊SD⌋``, the number of whole directions in the leading block of exponents
+            whose sum is still ``≥ 0`` (``j*`` of the Kaplan–Yorke formula).
+        lambda_min: Smallest Hessian eigenvalue found (bottom of the spectrum).
         lambda_max: Largest Hessian eigenvalue found.
         trace: Estimate of ``tr H`` (``nan`` when the estimator does not compute one).
         eigenvalues: The top-``k`` Hessian eigenvalues, decreasing.
@@ -64,7 +76,14 @@ class EstimateRecord:
     reason: str | None = None
     sharpness_dimension: float = math.nan
     uncertainty: float = math.nan
+    sd_low: float = math.nan
+    sd_high: float = math.nan
+    n_edge: float = math.nan
+    n_neg: float = math.nan
+    total_exponent: float = math.nan
+    j_star: float = math.nan
     lambda_max: float = math.nan
+    lambda_min: float = math.nan
     trace: float = math.nan
     eigenvalues: list[float] = field(default_factory=list)
     lr: float = math.nan
