@@ -1,4 +1,5 @@
-"""Figures of a grokking run: accuracy, sharpness dimension, η·λ_max and the LR scale.
+"""Figures of a grokking run: accuracy, sharpness dimension (its range and decomposition),
+η·λ_max and the LR scale.
 
 matplotlib is optional (``pip install "sdopt[plot]"``); it is imported inside the functions and
 uses the non-interactive ``Agg`` backend, so plotting works on headless machines.
@@ -59,21 +60,158 @@ def _estimates(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], l
     return xs, [seen[x] for x in xs]
 
 
-def sd_panel_note(sd: Sequence[float], lr_lambda_max: Sequence[float], edge: float) -> str:
-    """The SD panel's explanation when every estimate is 0 (a flat line says little alone).
+def _fmt_count(value: float) -> str:
+    return f"{value:,.0f}" if math.isfinite(value) else "?"
 
-    SD is 0 exactly when every Lyapunov exponent is negative: the map contracts in every
-    direction, which for a positive semi-definite top of the spectrum means η·λ_max below the
-    edge of stability.
+
+def sd_panel_note(
+    sd: Sequence[float],
+    lr_lambda_max: Sequence[float],
+    edge: float,
+    *,
+    n_neg: Sequence[float] | None = None,
+    lambda_min: Sequence[float] | None = None,
+) -> str:
+    """The SD panel's explanation: why SD is large, or what a flat SD = 0 does and does not show.
+
+    Says only what the estimates measured (THEORY §8: negative eigenvalues expand at every
+    learning rate, so below the edge of stability SD is often close to ``d``):
+
+    - negative eigenvalues found (``n_neg > 0`` at some estimate): those directions expand at
+      every learning rate, which is why SD is large (a smaller LR does not lower it); beside an
+      SD of 0 at every estimate the note says the two are inconsistent;
+    - SD = 0 at every estimate, ``λ_min ≥ 0`` measured at every estimate (and ``n_neg == 0``
+      where recorded) and ``η·λ_max`` below ``edge``: every exponent is negative, the attractor
+      is a point. This is the only case in which that is said;
+    - SD = 0 without ``λ_min`` (older metrics files, estimators that did not resolve the bottom
+      of the spectrum): nothing is claimed about the bottom; the note says it was not measured.
+
+    Args:
+        sd: SD of each estimate.
+        lr_lambda_max: ``η·λ_max`` of each estimate.
+        edge: The exponent map's edge of stability (2 for GD).
+        n_neg: Number of negative eigenvalues of each estimate (``None`` or empty: not recorded).
+        lambda_min: Smallest eigenvalue found at each estimate (``None``, empty or ``nan``: not
+            measured).
+
+    Returns:
+        The note ("" when there is nothing to add to the curve).
     """
-    if not sd or any(v != 0 for v in sd):
+    n_neg = [v for v in (n_neg or []) if math.isfinite(v)]
+    lam_min = list(lambda_min or [])
+    if not sd:
         return ""
-    if lr_lambda_max and max(lr_lambda_max) < edge:
-        return (
-            f"SD = 0 at every estimate: η·λ_max ≤ {max(lr_lambda_max):.2g} stayed below the "
-            f"edge ({edge:g}),\nso every Lyapunov exponent is negative (the map contracts)"
+    if n_neg and max(n_neg) > 0:
+        low = (
+            min(v for v in lam_min if math.isfinite(v))
+            if any(map(math.isfinite, lam_min))
+            else None
         )
-    return "SD = 0 at every estimate: every Lyapunov exponent is negative"
+        at = f" (λ_min down to {low:.2g})" if low is not None and low < 0 else ""
+        if all(v == 0 for v in sd):  # a negative eigenvalue's exponent is > 0, so SD ≥ 1
+            return (
+                f"SD = 0 reported, yet up to {_fmt_count(max(n_neg))} negative eigenvalues{at}\n"
+                "were found: they expand at every LR, so SD cannot be 0 (inconsistent estimate)"
+            )
+        return (
+            f"up to {_fmt_count(max(n_neg))} negative eigenvalues{at}: they expand at every LR,\n"
+            "so SD is large even below the edge (a smaller LR cannot lower it)"
+        )
+    if any(v != 0 for v in sd):
+        return ""
+    measured = (
+        len(lam_min) == len(sd)
+        and all(math.isfinite(v) and v >= 0 for v in lam_min)
+        and (not n_neg or max(n_neg) == 0)
+    )
+    below = bool(lr_lambda_max) and max(lr_lambda_max) < edge
+    if measured and below:
+        return (
+            f"SD = 0 at every estimate: λ_min ≥ 0 (measured) and η·λ_max ≤ "
+            f"{max(lr_lambda_max):.2g} below the edge ({edge:g}),\n"
+            "so every exponent is negative: the attractor is a point"
+        )
+    if measured:
+        return "SD = 0 at every estimate, with λ_min ≥ 0 measured"
+    return (
+        "SD = 0 at every estimate, but λ_min was not measured: negative eigenvalues\n"
+        "(which expand at every LR and make SD large) would not show here"
+    )
+
+
+def _by_step(rows: Sequence[dict[str, Any]], key: str) -> dict[float, float]:
+    return dict(zip(*_estimates(rows, key)))
+
+
+def _sd_band(
+    rows: Sequence[dict[str, Any]], xs: list[float], ys: list[float]
+) -> tuple[list[float], list[float], str] | None:
+    """Lower and upper edge of the SD band: ``[sd_low, sd_high]``, else SD ± its uncertainty."""
+    low, high = _by_step(rows, "sd_low"), _by_step(rows, "sd_high")
+    unc = _by_step(rows, "sd_uncertainty")
+    lo, hi, ranged = [], [], False
+    for x, y in zip(xs, ys):
+        if x in low and x in high:
+            lo.append(min(low[x], y))
+            hi.append(max(high[x], y))
+            ranged = True
+        elif x in unc:
+            lo.append(y - unc[x])
+            hi.append(y + unc[x])
+        else:
+            lo.append(math.nan)
+            hi.append(math.nan)
+    if all(math.isnan(v) for v in lo):
+        return None
+    return lo, hi, "plausible range [sd_low, sd_high]" if ranged else "± uncertainty"
+
+
+def _decomposition_panel(ax: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """``n_edge`` and ``n_neg`` (counts, left axis) and ``T`` (right axis) per estimate."""
+    edge_x, edge_y = _estimates(rows, "n_edge")
+    neg_x, neg_y = _estimates(rows, "n_neg")
+    t_x, t_y = _estimates(rows, "total_exponent")
+    if not (edge_x or neg_x or t_x):
+        ax.text(
+            0.5,
+            0.5,
+            "no SD decomposition in these rows (n_edge, n_neg, T)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+        ax.set_ylabel("directions")
+        return
+    # n_neg first, with larger markers: where both are 0 the red n_edge stays visible on top
+    ax.plot(neg_x, neg_y, color="tab:blue", marker="o", markersize=5,
+            label="n_neg (expands at every LR)")  # fmt: skip
+    ax.plot(edge_x, edge_y, color="tab:red", marker=".", markersize=5,
+            label="n_edge (a smaller LR stabilises)")  # fmt: skip
+    counts = edge_y + neg_y
+    top = max(counts, default=0.0)
+    if top > 20:
+        ax.set_yscale("symlog", linthresh=1.0)  # a few edge directions beside hundreds negative
+        ax.set_ylim(bottom=0)
+    else:
+        ax.set_ylim(-0.5, max(top, 1.0) + 0.5)
+    ax.set_ylabel("directions")
+    ax_t = ax.twinx()
+    if t_x:
+        ax_t.plot(t_x, t_y, color="tab:olive", linestyle="--", marker="x", markersize=4,
+                  label="T = Σ exponents (≥ 0: SD = d)")  # fmt: skip
+        ax_t.axhline(0.0, color="tab:olive", linewidth=0.8, alpha=0.5)
+    ax_t.set_ylabel("T = Σ exponents", color="tab:olive")
+    handles, labels = ax.get_legend_handles_labels()
+    more_h, more_l = ax_t.get_legend_handles_labels()
+    ax_t.legend(  # above the panel, on the top axes: never under a curve
+        handles + more_h,
+        labels + more_l,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=3,
+        fontsize=7.5,
+        frameon=False,
+    )
 
 
 def plot_training(
@@ -86,11 +224,17 @@ def plot_training(
     edge: float = 2.0,
     edge_label: str | None = None,
 ) -> Path:
-    """Write one PNG with three stacked panels sharing a logarithmic step axis.
+    """Write one PNG with four stacked panels sharing a logarithmic step axis.
 
     1. training and validation accuracy;
-    2. the sharpness dimension (with its uncertainty band when known);
-    3. ``η·λ_max`` with the line at ``edge`` (2: edge of stability of GD; a log axis when the values
+    2. the sharpness dimension, with its plausible range ``[sd_low, sd_high]`` as a shaded band
+       (``± sd_uncertainty`` for rows without a range) and a note (:func:`sd_panel_note`) that
+       says why SD is large when negative eigenvalues were found, and claims SD = 0 means a
+       point attractor only where ``λ_min ≥ 0`` was measured;
+    3. its decomposition: ``n_edge`` (eigenvalues beyond the edge: what a smaller learning rate
+       would stabilise) and ``n_neg`` (negative eigenvalues: expanding at every learning rate),
+       and on a second axis ``T``, the sum of all exponents;
+    4. ``η·λ_max`` with the line at ``edge`` (2: edge of stability of GD; a log axis when the values
        span decades or lie far below it), and the LR scale of ``SDOptimizer(mode="lr")`` on a
        second axis.
 
@@ -101,8 +245,11 @@ def plot_training(
 
     Args:
         rows: Evaluation rows with keys ``step``, ``train_accuracy``, ``val_accuracy`` and
-            optionally ``sharpness_dimension``, ``sd_uncertainty``, ``lr_lambda_max``,
-            ``lr_scale`` (as :func:`sdopt.train.train` writes them; CSV strings are accepted).
+            optionally ``sharpness_dimension``, ``sd_uncertainty``, ``sd_low``, ``sd_high``,
+            ``n_edge``, ``n_neg``, ``total_exponent``, ``lambda_min``, ``lr_lambda_max``,
+            ``sd_step``, ``lr_scale`` (as :func:`sdopt.train.train` writes them; CSV strings
+            and empty cells are accepted, so older metrics files without the decomposition
+            still plot).
         path: Output ``.png`` path (parent directories are created).
         grok_step: Step to mark, or ``None``.
         title: Figure title.
@@ -120,7 +267,9 @@ def plot_training(
     plt = _matplotlib()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, (ax_acc, ax_sd, ax_edge) = plt.subplots(3, 1, figsize=(8, 8.5), sharex=True)
+    fig, (ax_acc, ax_sd, ax_dec, ax_edge) = plt.subplots(
+        4, 1, figsize=(8, 11), sharex=True, gridspec_kw={"height_ratios": [1, 1.1, 1, 1]}
+    )
 
     xs, ys = _series(rows, "train_accuracy")
     ax_acc.plot(xs, ys, color="tab:blue", label="train")
@@ -133,15 +282,23 @@ def plot_training(
     xs, ys = _estimates(rows, "sharpness_dimension")
     if xs:
         ax_sd.plot(xs, ys, color="tab:green", marker=".", markersize=4, label="SD")
-        ux, us = _estimates(rows, "sd_uncertainty")
-        if ux == xs:
-            lo = [y - u for y, u in zip(ys, us)]
-            hi = [y + u for y, u in zip(ys, us)]
-            ax_sd.fill_between(xs, lo, hi, color="tab:green", alpha=0.2, linewidth=0)
-        note = sd_panel_note(ys, _estimates(rows, "lr_lambda_max")[1], edge)
+        band = _sd_band(rows, xs, ys)
+        if band is not None:
+            lo, hi, band_label = band
+            ax_sd.fill_between(xs, lo, hi, color="tab:green", alpha=0.2, linewidth=0,
+                               label=band_label)  # fmt: skip
+        ax_sd.legend(loc="best", fontsize=8, framealpha=0.85)
+        note = sd_panel_note(
+            ys,
+            _estimates(rows, "lr_lambda_max")[1],
+            edge,
+            n_neg=_estimates(rows, "n_neg")[1],
+            lambda_min=[_by_step(rows, "lambda_min").get(x, math.nan) for x in xs],
+        )
         if note:
-            ax_sd.text(0.5, 0.62, note, ha="center", va="center", transform=ax_sd.transAxes,
-                       fontsize=9, color="dimgray")  # fmt: skip
+            ax_sd.set_title(
+                note, fontsize=8.5, color="dimgray"
+            )  # above the panel: never on the data
     else:
         ax_sd.text(
             0.5,
@@ -152,6 +309,8 @@ def plot_training(
             transform=ax_sd.transAxes,
         )
     ax_sd.set_ylabel("sharpness dimension")
+
+    _decomposition_panel(ax_dec, rows)
 
     xs, ys = _estimates(rows, "lr_lambda_max")
     if xs:
@@ -179,7 +338,7 @@ def plot_training(
     more = ax_scale.get_legend_handles_labels()
     ax_edge.legend(handles[0] + more[0], handles[1] + more[1], loc="upper right", fontsize=8)
 
-    for ax in (ax_acc, ax_sd, ax_edge):
+    for ax in (ax_acc, ax_sd, ax_dec, ax_edge):
         ax.set_xscale("log")
         ax.grid(True, which="major", alpha=0.3)
         if grok_step is not None and grok_step > 0:

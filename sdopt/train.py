@@ -72,7 +72,14 @@ METRIC_FIELDS = (
     "lr_scale",
     "sharpness_dimension",
     "sd_uncertainty",
+    "sd_low",
+    "sd_high",
+    "n_edge",
+    "n_neg",
+    "total_exponent",
+    "j_star",
     "lambda_max",
+    "lambda_min",
     "lr_lambda_max",
     "sd_step",
     "elapsed_seconds",
@@ -432,6 +439,18 @@ def _rng_state(generator: torch.Generator) -> dict[str, Tensor]:
     return {"torch": torch.get_rng_state(), "batch": generator.get_state()}
 
 
+# EstimateRecord fields copied into the metrics rows under the same names (issue 10)
+_SD_DECOMPOSITION = (
+    "sd_low",
+    "sd_high",
+    "n_edge",
+    "n_neg",
+    "total_exponent",
+    "j_star",
+    "lambda_min",
+)
+
+
 def _sd_fields(optimizer: Any, base_lr: float) -> dict[str, Any]:
     rec = getattr(optimizer, "last_estimate", None)
     scale = float(getattr(optimizer, "lr_scale", 1.0))
@@ -440,7 +459,14 @@ def _sd_fields(optimizer: Any, base_lr: float) -> dict[str, Any]:
         "lr_scale": scale,
         "sharpness_dimension": None,
         "sd_uncertainty": None,
+        "sd_low": None,
+        "sd_high": None,
+        "n_edge": None,
+        "n_neg": None,
+        "total_exponent": None,
+        "j_star": None,
         "lambda_max": None,
+        "lambda_min": None,
         "lr_lambda_max": None,
         "sd_step": None,
     }
@@ -452,6 +478,10 @@ def _sd_fields(optimizer: Any, base_lr: float) -> dict[str, Any]:
             lr_lambda_max=float(rec.lr * rec.lambda_max),
             sd_step=int(rec.step),
         )
+        # the range and decomposition (issue 10): None where the estimator did not report them
+        for name in _SD_DECOMPOSITION:
+            value = float(getattr(rec, name))
+            out[name] = value if math.isfinite(value) else None
     return out
 
 
