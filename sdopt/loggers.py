@@ -214,7 +214,14 @@ class ConsoleLogger(Logger):
 
     Example line::
 
-        [sdopt] step 200: SD 3.41 ± 0.12 | λmax 1.93e+01 | edge ratio 0.97 | scale 1.000 | 34 HVPs, 0.21 s, 4.1% overhead
+        [sdopt] step 20: SD 2314 ± 6 [2301, 2327] | n_edge 0, n_neg 527, T -12.3, j* 2313 | λmax 2.060e+00 | λmin -1.800e-01 | edge ratio 0.515 | scale 1.000 | 34 HVPs, 0.21 s, 4.1% overhead
+
+    The SD comes with its uncertainty, and with its plausible range ``[sd_low, sd_high]`` when
+    that is wider than ``± 2`` uncertainties (the estimate straddles a jump) or the uncertainty
+    is unknown. Then its decomposition: ``n_edge`` (eigenvalues beyond the edge of stability,
+    which a smaller learning rate would stabilise), ``n_neg`` (negative eigenvalues, expanding at
+    every learning rate), ``T`` (the sum of all exponents) and ``j*`` (``⌊SD⌋``). Quantities the
+    estimator did not report (``nan``) are left out.
 
     Args:
         stream: Where to print (``sys.stderr`` by default).
@@ -227,16 +234,43 @@ class ConsoleLogger(Logger):
         self._count = 0
 
     @staticmethod
+    def _sd_text(record: EstimateRecord) -> str:
+        sd, unc = record.sharpness_dimension, record.uncertainty
+        text = f"SD {sd:.4g} ± {unc:.2g}"
+        low, high = record.sd_low, record.sd_high
+        if math.isfinite(low) and math.isfinite(high):
+            width = high - low
+            wide = width > 4 * unc * (1 + 1e-6) if math.isfinite(unc) else width > 0
+            if wide:
+                text += f" [{low:.4g}, {high:.4g}]"
+        return text
+
+    @staticmethod
+    def _decomposition_text(record: EstimateRecord) -> str:
+        items = []
+        for label, value, fmt in (
+            ("n_edge", record.n_edge, ".0f"),
+            ("n_neg", record.n_neg, ".0f"),
+            ("T", record.total_exponent, ".3g"),
+            ("j*", record.j_star, ".0f"),
+        ):
+            if math.isfinite(value):
+                items.append(f"{label} {value:{fmt}}")
+        return ", ".join(items)
+
+    @staticmethod
     def format(record: EstimateRecord) -> str:
         """The line printed for ``record``."""
         if not record.ok:
             return f"[sdopt] step {record.step}: estimate skipped ({record.reason})"
-        parts = [
-            f"SD {record.sharpness_dimension:.4g} ± {record.uncertainty:.2g}",
-            f"λmax {record.lambda_max:.3e}",
-            f"edge ratio {record.edge_ratio:.3f}",
-            f"scale {record.lr_scale:.3f}",
-        ]
+        parts = [ConsoleLogger._sd_text(record)]
+        decomposition = ConsoleLogger._decomposition_text(record)
+        if decomposition:
+            parts.append(decomposition)
+        parts.append(f"λmax {record.lambda_max:.3e}")
+        if math.isfinite(record.lambda_min):
+            parts.append(f"λmin {record.lambda_min:.3e}")
+        parts += [f"edge ratio {record.edge_ratio:.3f}", f"scale {record.lr_scale:.3f}"]
         if not math.isnan(record.penalty):
             parts.append(f"penalty {record.penalty:.4g}")
         cost = f"{record.num_products} HVPs, {record.seconds:.2f} s"

@@ -14,6 +14,9 @@ import pytest
 from sdopt.loggers import ConsoleLogger, CSVLogger, JSONLLogger, WandbLogger
 from sdopt.records import EstimateRecord
 
+# the SD range and decomposition every record carries since issue 10
+DECOMPOSITION = ("sd_low", "sd_high", "n_edge", "n_neg", "total_exponent", "j_star", "lambda_min")
+
 
 def _record(step: int = 10, **kw) -> EstimateRecord:
     base = dict(
@@ -21,7 +24,14 @@ def _record(step: int = 10, **kw) -> EstimateRecord:
         mode="lr",
         sharpness_dimension=2.5,
         uncertainty=0.25,
+        sd_low=2.0,
+        sd_high=3.5,
+        n_edge=1.0,
+        n_neg=3.0,
+        total_exponent=-0.5,
+        j_star=2.0,
         lambda_max=40.0,
+        lambda_min=-0.01,
         trace=100.0,
         eigenvalues=[40.0, 20.0, 5.0],
         lr=0.05,
@@ -74,6 +84,22 @@ def test_csv_logger_widens_header_when_eigenvalues_appear(tmp_path: Path) -> Non
     assert float(rows[1]["sharpness_dimension"]) == 2.5
 
 
+def test_csv_logger_writes_the_range_and_decomposition(tmp_path: Path) -> None:
+    path = tmp_path / "sd.csv"
+    with CSVLogger(path) as logger:
+        logger.log(EstimateRecord(step=0, status="skipped", reason="non-finite loss"))
+        logger.log(_record(step=5))
+    header = path.read_text().splitlines()[0].split(",")
+    for key in DECOMPOSITION:
+        assert key in header
+    rows = list(csv.DictReader(path.open()))
+    assert all(rows[0][k] == "nan" or rows[0][k] == "" for k in DECOMPOSITION)
+    assert float(rows[1]["sd_low"]) == 2.0 and float(rows[1]["sd_high"]) == 3.5
+    assert float(rows[1]["n_edge"]) == 1.0 and float(rows[1]["n_neg"]) == 3.0
+    assert float(rows[1]["total_exponent"]) == -0.5 and float(rows[1]["j_star"]) == 2.0
+    assert float(rows[1]["lambda_min"]) == -0.01
+
+
 def test_jsonl_logger_writes_valid_json_with_null_for_nan(tmp_path: Path) -> None:
     path = tmp_path / "sd.jsonl"
     with JSONLLogger(path) as logger:
@@ -83,6 +109,8 @@ def test_jsonl_logger_writes_valid_json_with_null_for_nan(tmp_path: Path) -> Non
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["penalty"] is None and rows[1]["penalty"] == 0.5
     assert rows[0]["mode"] == "lr" and rows[0]["eigenvalue_1"] == 40.0
+    assert rows[0]["n_neg"] == 3.0 and rows[0]["lambda_min"] == -0.01
+    assert rows[0]["sd_low"] == 2.0 and rows[0]["total_exponent"] == -0.5
 
 
 def test_console_logger_prints_every_nth() -> None:
@@ -93,10 +121,56 @@ def test_console_logger_prints_every_nth() -> None:
     logger.log(EstimateRecord(step=9, status="skipped", reason="estimate failed: boom"))
     lines = stream.getvalue().splitlines()
     assert len(lines) == 3
-    assert lines[0].startswith("[sdopt] step 0: SD 2.5 ± 0.25")
+    assert lines[0].startswith(
+        "[sdopt] step 0: SD 2.5 ± 0.25 [2, 3.5] | n_edge 1, n_neg 3, T -0.5, j* 2 | "
+        "λmax 4.000e+01 | λmin -1.000e-02 |"
+    )
     assert "edge ratio 1.000" in lines[0] and "12 HVPs" in lines[0] and "4.0% overhead" in lines[0]
     assert lines[1].startswith("[sdopt] step 2")
     assert lines[2] == "[sdopt] step 9: estimate skipped (estimate failed: boom)"
+
+
+def test_console_logger_shows_the_range_only_when_wide() -> None:
+    narrow = ConsoleLogger.format(_record(sd_low=2.0, sd_high=3.0))  # = SD ± 2 uncertainties
+    assert narrow.startswith("[sdopt] step 10: SD 2.5 ± 0.25 | n_edge 1,")
+    unknown = ConsoleLogger.format(_record(uncertainty=math.nan, sd_low=0.0, sd_high=2410.0))
+    assert "SD 2.5 ± nan [0, 2410] |" in unknown
+    # an estimator that reports no range nor decomposition: the line of the first release
+    old = ConsoleLogger.format(
+        _record(
+            sd_low=math.nan,
+            sd_high=math.nan,
+            n_edge=math.nan,
+            n_neg=math.nan,
+            total_exponent=math.nan,
+            j_star=math.nan,
+            lambda_min=math.nan,
+        )
+    )
+    assert old.startswith("[sdopt] step 10: SD 2.5 ± 0.25 | λmax 4.000e+01 | edge ratio 1.000 |")
+
+
+def test_console_docstring_example_line_matches_the_format() -> None:
+    doc = ConsoleLogger.__doc__ or ""
+    example = doc.split("Example line::")[1].strip().splitlines()[0].strip()
+    record = EstimateRecord(
+        step=20,
+        sharpness_dimension=2313.7,
+        uncertainty=6.0,
+        sd_low=2301.0,
+        sd_high=2327.0,
+        n_edge=0.0,
+        n_neg=527.0,
+        total_exponent=-12.3,
+        j_star=2313.0,
+        lambda_max=2.06,
+        lambda_min=-0.18,
+        edge_ratio=0.515,
+        num_products=34,
+        seconds=0.21,
+        overhead_fraction=0.041,
+    )
+    assert ConsoleLogger.format(record) == example
 
 
 def test_console_logger_rejects_bad_every() -> None:
@@ -179,7 +253,15 @@ def test_wandb_logger_offline_run_is_read_back(wandb_offline) -> None:
     wandb, tmp_path = wandb_offline
     logger = WandbLogger(project="sdopt-test", dir=str(tmp_path))
     logger.log(_record(step=100))
-    logger.log(_record(step=200, sharpness_dimension=3.0, eigenvalues=[41.0, 21.0, 6.0]))
+    logger.log(
+        _record(
+            step=200,
+            sharpness_dimension=3.0,
+            eigenvalues=[41.0, 21.0, 6.0],
+            n_neg=527.0,
+            lambda_min=-0.18,
+        )
+    )
     run_dir = Path(logger.run.dir).parent
     logger.close()
     assert wandb.run is None  # the logger created the run, so it finished it
@@ -195,6 +277,9 @@ def test_wandb_logger_offline_run_is_read_back(wandb_offline) -> None:
     assert rows[0]["sdopt/sharpness_dimension"] == 2.5
     assert rows[1]["sdopt/sharpness_dimension"] == 3.0
     assert rows[1]["sdopt/eigenvalue_3"] == 6.0
+    assert [r["sdopt/n_neg"] for r in rows] == [3, 527]  # the decomposition reaches W&B
+    assert rows[1]["sdopt/n_edge"] == 1 and rows[1]["sdopt/lambda_min"] == -0.18
+    assert rows[1]["sdopt/sd_low"] == 2.0 and rows[1]["sdopt/total_exponent"] == -0.5
     assert rows[0]["sdopt/lr_scale"] == 0.5 and rows[0]["sdopt/num_products"] == 12
     assert all(k.startswith("sdopt/") or k.startswith("_") for r in rows for k in r)
 
