@@ -1,25 +1,36 @@
 """Estimators of the sharpness dimension of a model at its current parameters.
 
 Methods (Tuci, Korkmaz, Şimşekli, Birdal, "Generalization at the Edge of Stability",
-arXiv:2604.19740, §4 and THEORY.md §4, §7):
+arXiv:2604.19740, §4 and THEORY.md §4, §7, §8):
 
+* ``"deflated"`` (default; also what :class:`sdopt.SDOptimizer` records) — per curvature
+  operator (one per minibatch, or one for the full batch) the top-``k`` and the bottom-
+  ``k_bottom`` eigenpairs by warm-started thick-restart Lanczos, and the distribution of the
+  other ``d − k − k_bottom`` eigenvalues by stochastic Lanczos quadrature on the deflated
+  operator (``num_probes`` Rademacher probes × ``num_steps`` steps). The most expanding
+  exponents (``α > edge/η`` and ``α < 0``) and the extremes that decide whether SD is 0 are then
+  exact, and the bulk enters through its quadrature measure, which fixes the total
+  ``T = Σ z`` and the near-zero exponents of both signs that decide ``d − SD`` (THEORY.md §7–§8).
+  Its uncertainty is a jackknife over the probes (leave one probe out of every operator) and,
+  with several minibatches, over the minibatches; ``low``/``high`` widen ``value ± 2σ`` to
+  every value the exact extremes allow within their residual bounds, so an estimate whose
+  plausible range straddles a jump of SD (0 against most of ``d``) says so.
 * ``"exact"`` — dense Hessian of every minibatch, eigenvalues by ``eigvalsh``; the exponents of
   each batch sorted and averaged position by position (Def. 4.2). Costs ``d`` products per batch.
 * ``"slq"``, ``"kde"``, ``"ps"`` — the paper's three: ``R`` stochastic Lanczos quadrature runs
   (one Rademacher probe and one minibatch each, ``m`` steps, full reorthogonalisation) give the
   measure ``ν = (d/R) Σ ω δ_α̃``; SD is read from its histogram (SD-SLQ), a Gaussian kernel
   density (SD-KDE) or ``M`` equal-mass quantiles (SD-PS).
-* ``"topk"`` — the project's: per minibatch the exact top-``k`` and bottom-``k_bottom``
-  eigenpairs (warm-started Lanczos) plus the rest of the spectrum from SLQ on the deflated
-  Hessian; the per-batch measures are averaged position by position as in ``"exact"``. The most
-  expanding exponents (``α > 2/η`` or ``α < 0``) and the most contracting ones (``α`` near
-  ``1/η``) are then exact, and the bulk enters through its quadrature, which fixes the total
-  ``T = log|det(I − ηH)|``; THEORY.md §7's "cheap exact route" ``SD = d − m* + (T − R_{m*})/|z_(m*)|``
-  is what this reading computes when the crossing falls among the exact exponents.
+* ``"topk"`` — both ends exact as in ``"deflated"``, but the bulk modelled as ``d − k −
+  k_bottom`` equal eigenvalues at a Hutchinson estimate of its mean (one Lanczos step per
+  probe). This is the model the first release's wrapper used; it cannot see the structure of
+  the bulk (THEORY.md §8) and is kept as the cheap baseline the accuracy battery compares with.
 
 Every result carries a :class:`~sdopt.dimension.sketch.SpectrumSketch`, from which
 :func:`~sdopt.dimension.sketch.sd_from_spectrum` gives ``SD(η')`` for any other ``η'`` without
-new products.
+new products, and the decomposition of THEORY.md §8: ``n_edge`` (eigenvalues beyond the map's
+edge, which a smaller learning rate would stabilise), ``n_neg`` (negative eigenvalues, which no
+learning rate stabilises), ``T`` and ``j*``.
 """
 
 from __future__ import annotations
@@ -27,30 +38,55 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from sdopt._checks import check_choice, check_in_range, check_int, check_positive
-from sdopt.dimension.exponents import EXPONENT_MAPS, exponents_unchecked
-from sdopt.dimension.sketch import SpectrumSketch, sd_from_spectrum
+from sdopt.dimension.exponents import EXPONENT_MAPS, edge_of_stability, exponents_unchecked
+from sdopt.dimension.sketch import (
+    SpectrumSketch,
+    exponents_and_weights,
+    quantile_pooled_sd,
+    sd_from_spectrum,
+)
 
-__all__ = ["METHODS", "SharpnessDimensionEstimate", "estimate_sharpness_dimension"]
+__all__ = [
+    "DEFAULTS",
+    "DEFAULT_METHOD",
+    "METHODS",
+    "NonFiniteLossError",
+    "SharpnessDimensionEstimate",
+    "estimate_sharpness_dimension",
+]
 
-METHODS = ("exact", "slq", "kde", "ps", "topk")
+METHODS = ("deflated", "exact", "slq", "kde", "ps", "topk")
+DEFAULT_METHOD = "deflated"
 PROTOCOLS = ("minibatch", "full-batch")
+#: Defaults of the ``"deflated"`` estimator, shared with :class:`sdopt.SDOptimizer` so that the
+#: wrapper's record at defaults is this estimator at defaults (chosen on the accuracy battery,
+#: see docs/sharpness-dimension.md#accuracy-battery).
+DEFAULTS: dict[str, Any] = {"k": 8, "k_bottom": 4, "num_probes": 6, "num_steps": 24, "tol": 1e-2}
+_PAPER_DEFAULTS = {"num_probes": 50, "num_steps": 80}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss on the curvature data is NaN or infinite (no estimate is possible)."""
 
 
 @dataclass(frozen=True)
 class SharpnessDimensionEstimate:
-    """One sharpness-dimension estimate with the pieces it was computed from.
+    """One sharpness-dimension estimate with the pieces it was computed from and why SD is what
+    it is.
 
     Attributes:
         value: the estimate of SD.
-        uncertainty: jackknife standard error across minibatches (``exact``, ``topk``) or
-            probes (``slq``, ``kde``, ``ps``); ``nan`` with a single group.
-        method: ``"exact"``, ``"slq"``, ``"kde"``, ``"ps"`` or ``"topk"``.
+        uncertainty: its standard error: ``deflated``/``topk``: jackknife over the SLQ probes
+            and (several minibatches) over the minibatches, added in quadrature; ``slq``/``kde``
+            /``ps``: jackknife over probes; ``exact``: jackknife over minibatches (``0`` for a
+            single Hessian, whose spectrum is exact).
+        method: ``"deflated"``, ``"exact"``, ``"slq"``, ``"kde"``, ``"ps"`` or ``"topk"``.
         lr: the learning rate the exponents used.
         protocol: ``"minibatch"`` (one Hessian per batch, exponents averaged position by
             position; the paper's) or ``"full-batch"`` (one Hessian of the mean loss).
@@ -60,13 +96,28 @@ class SharpnessDimensionEstimate:
         settings: the method's settings (``k``, ``num_probes``, ``num_steps``, …).
         spectrum: the stored spectrum, for :func:`sd_from_spectrum` at other learning rates.
         eigenvalues: exact eigenvalues used: ``(batches, d)`` for ``exact``; ``(batches, k +
-            k_bottom)`` for ``topk`` (top decreasing, then bottom increasing); else ``None``.
-        eigenvectors: the top-``k`` Ritz vectors of the last batch (``topk``), for warm starts.
+            k_bottom)`` for ``deflated``/``topk`` (top decreasing, then bottom increasing);
+            else ``None``.
+        eigenvectors: the top-``k`` Ritz vectors of the last batch (``deflated``/``topk``),
+            for warm starts.
         density: the :class:`~sdopt.spectrum.SpectralDensity` (``slq``/``kde``/``ps``: the
-            pooled one; ``topk``: the last batch's deflated one).
+            pooled one; ``deflated``: the last batch's deflated one).
         trace: the estimate of ``tr H`` (mean over batches) implied by the spectrum.
         lambda_1: the largest (averaged) exponent, i.e. RDS sharpness ``log σ_1(I − ηH)``.
         exponent_map, momentum, eps: the exponent map used.
+        low, high: the plausible range of SD (see the module docstring); ``low == high ==
+            value`` only when nothing in the estimate is uncertain.
+        n_edge: eigenvalues beyond the map's edge of stability, ``α > edge/η`` (mean over
+            batches; fractional where the bulk quadrature contributes).
+        n_neg: negative eigenvalues (the same way).
+        total_exponent: ``T = Σ_i z_i`` (mean over batches); ``T ≥ 0`` means ``SD = d``.
+        j_star: ``⌊SD⌋``, the number of whole exponents in the leading block whose sum is
+            ``≥ 0`` (``j*`` of Kaplan–Yorke).
+        lambda_max, lambda_min: the largest and smallest eigenvalue found (mean over batches).
+        loss: the mean loss on the curvature data.
+        bottom_eigenvectors: the bottom-``k_bottom`` Ritz vectors of the last batch
+            (``deflated``/``topk``), for warm starts.
+        residuals: ``(batches, k + k_bottom)`` residual norms of the exact eigenvalues.
     """
 
     value: float
@@ -88,6 +139,27 @@ class SharpnessDimensionEstimate:
     momentum: float = 0.0
     eps: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    low: float = math.nan
+    high: float = math.nan
+    n_edge: float = math.nan
+    n_neg: float = math.nan
+    total_exponent: float = math.nan
+    j_star: float = math.nan
+    lambda_max: float = math.nan
+    lambda_min: float = math.nan
+    loss: float = math.nan
+    bottom_eigenvectors: torch.Tensor | None = None
+    residuals: torch.Tensor | None = None
+
+    def at_lr(self, lr: float) -> SharpnessDimensionEstimate:
+        """The same estimate read at another learning rate (no new products): value,
+        uncertainty, range and decomposition of the map with ``lr``."""
+        lr = check_positive("lr", lr)
+        reading = _readout(
+            self.spectrum, self.extra.get("groups"), lr, self.eps, self.exponent_map,
+            self.momentum,
+        )  # fmt: skip
+        return replace(self, lr=lr, **reading)
 
     def predict(self, lr: float, *, uncertainty: bool = False) -> tuple[float, float]:
         """``SD`` at another learning rate from the stored spectrum (no products)."""
@@ -100,6 +172,22 @@ class SharpnessDimensionEstimate:
     def codimension(self) -> float:
         """``d − SD``: what varies between runs when SD lands near ``d`` (THEORY.md §7)."""
         return self.dim - self.value
+
+    @property
+    def straddles_jump(self) -> bool:
+        """Whether the plausible range reaches from below ``0.1·d`` to above ``0.9·d``."""
+        return self.low <= 0.1 * self.dim and self.high >= 0.9 * self.dim
+
+    def decomposition(self) -> dict[str, float]:
+        """Why SD is what it is: ``n_edge``, ``n_neg``, ``T``, ``j*`` and the extremes."""
+        return {
+            "n_edge": self.n_edge,
+            "n_neg": self.n_neg,
+            "total_exponent": self.total_exponent,
+            "j_star": self.j_star,
+            "lambda_max": self.lambda_max,
+            "lambda_min": self.lambda_min,
+        }
 
 
 def _operators(
@@ -157,30 +245,191 @@ def _merge(top: Any, bottom: Any) -> Any:
     )
 
 
+def _loss(op: Any) -> float:
+    """The mean loss of a curvature operator (free on the default product mode's graph)."""
+    source = op
+    while not hasattr(source, "loss_and_gradient") and getattr(source, "source", None) is not None:
+        source = source.source
+    if not hasattr(source, "loss_and_gradient"):
+        return math.nan
+    loss = float(source.loss_and_gradient()[0])
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(f"the loss on the curvature data is {loss}")
+    return loss
+
+
+# --------------------------------------------------------------------------- deflated measure
+@dataclass(frozen=True)
+class _Group:
+    """What one operator's measurement holds: exact ends and the bulk's quadrature per probe."""
+
+    exact: torch.Tensor  # (k + k_bottom,) float64: top decreasing, then bottom increasing
+    errors: torch.Tensor  # (k + k_bottom,) residual bounds |θ − α| <= r
+    nodes: torch.Tensor  # (R, m) float64 Ritz values of the deflated operator
+    weights: torch.Tensor  # (R, m) float64, rows summing to 1
+    bulk_dim: int
+
+
+def _group_rows(
+    groups: list[_Group], probes: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes and weights ``(G, n)`` (rows summing to ``d``) of the deflated measure, the bulk
+    averaged over ``probes`` (all by default)."""
+    rows_n, rows_w = [], []
+    for g in groups:
+        nodes, weights = [g.exact], [torch.ones_like(g.exact)]
+        if g.bulk_dim > 0:
+            keep = list(range(g.nodes.shape[0])) if probes is None else probes
+            bn, bw = g.nodes[keep], g.weights[keep]
+            nodes.append(bn.reshape(-1))
+            weights.append(bw.reshape(-1) * (g.bulk_dim / len(keep)))
+        rows_n.append(torch.cat(nodes))
+        rows_w.append(torch.cat(weights))
+    width = max(r.numel() for r in rows_n)
+    nodes = torch.zeros(len(groups), width, dtype=torch.float64)
+    weights = torch.zeros(len(groups), width, dtype=torch.float64)
+    for i, (n, w) in enumerate(zip(rows_n, rows_w)):
+        nodes[i, : n.numel()], weights[i, : w.numel()] = n, w
+    return nodes, weights
+
+
+def _most_contracting(lr: float, map: str, momentum: float) -> float:
+    """The eigenvalue at which the map contracts most (``1/η`` for GD)."""
+    if map == "gd" or (map == "adam" and momentum == 0.0):
+        return 1.0 / lr
+    step = lr if map == "momentum" else lr * (1.0 - momentum)
+    return (1.0 + momentum) / step  # centre of the heavy ball's complex band, modulus √β
+
+
+def _shifted_exponents(
+    z: torch.Tensor, groups: list[_Group], lr: float, eps: float, map: str, momentum: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exponent arrays ``(G, mult·n)`` with every exact eigenvalue moved within its residual
+    bound to where its exponents are smallest (first) and largest (second); the bulk as is.
+
+    SD is non-decreasing in every exponent, so these two bracket what the exact ends allow."""
+    low, high = z.clone(), z.clone()
+    centre = _most_contracting(lr, map, momentum)
+    width = z.shape[1] // _mult(map, momentum)
+    for i, g in enumerate(groups):
+        n = g.exact.numel()
+        if n == 0:
+            continue
+        a, r = g.exact, g.errors
+        inner = torch.minimum(torch.maximum(torch.full_like(a, centre), a - r), a + r)
+        candidates = torch.stack([a - r, a, a + r, inner])
+        zc = exponents_unchecked(candidates, lr, map=map, momentum=momentum, eps=eps)
+        for block in range(_mult(map, momentum)):
+            cols = slice(block * width, block * width + n)
+            part = zc[:, block * n : (block + 1) * n]
+            low[i, cols] = part.min(dim=0).values
+            high[i, cols] = part.max(dim=0).values
+    return low, high
+
+
+def _mult(map: str, momentum: float) -> int:
+    from sdopt.dimension.exponents import exponent_multiplicity
+
+    return exponent_multiplicity(map, momentum)
+
+
+def _jackknife(values: list[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return math.nan
+    t = torch.tensor(values, dtype=torch.float64)
+    return math.sqrt((n - 1) / n * float(((t - t.mean()) ** 2).sum()))
+
+
+def _quadrature(a: float, b: float) -> float:
+    parts = [x for x in (a, b) if math.isfinite(x)]
+    return math.sqrt(sum(x * x for x in parts)) if parts else math.nan
+
+
+def _decomposition(
+    nodes: torch.Tensor, weights: torch.Tensor, z: torch.Tensor, zw: torch.Tensor, lr: float,
+    map: str, momentum: float,
+) -> dict[str, float]:  # fmt: skip
+    """``n_edge``, ``n_neg``, ``T`` and the trace of a measure of ``G`` rows (mean over rows)."""
+    edge = edge_of_stability(map, momentum) / lr
+    live = weights > 0
+    n_edge = float((weights * ((nodes > edge) & live)).sum(1).mean())
+    n_neg = float((weights * ((nodes < 0) & live)).sum(1).mean())
+    contrib = torch.where(zw > 0, zw * z, torch.zeros_like(z))
+    total = float(contrib.sum(1).mean())
+    trace = float((nodes * weights).sum(1).mean())
+    return {"n_edge": n_edge, "n_neg": n_neg, "total_exponent": total, "trace": trace}
+
+
+def _measure_deflated(
+    ops: list[Any], k: int, k_bottom: int, num_probes: int, num_steps: int, tol: float,
+    init: torch.Tensor | None, init_bottom: torch.Tensor | None, gen: torch.Generator,
+    solver_options: dict[str, Any],
+) -> tuple[list[_Group], Any, Any, Any, int]:  # fmt: skip
+    """Both ends and the deflated bulk of every operator (warm starts chained across them)."""
+    from sdopt.spectrum import stochastic_lanczos_quadrature, top_eigenpairs
+
+    groups: list[_Group] = []
+    warm_top, warm_bottom = init, init_bottom
+    density = top = bottom = None
+    products = 0
+    for op in ops:
+        dim = int(op.dim)
+        top = top_eigenpairs(
+            op, k, which="LA", tol=tol, init=warm_top, generator=gen, **solver_options
+        )
+        warm_top = top.eigenvectors
+        bottom = None
+        if k_bottom > 0:
+            bottom = top_eigenpairs(
+                op, k_bottom, which="SA", tol=tol, init=warm_bottom, generator=gen,
+                **solver_options,
+            )  # fmt: skip
+            warm_bottom = bottom.eigenvectors
+        known = _merge(top, bottom)
+        products += int(known.num_products)
+        exact = known.eigenvalues.detach().to(torch.float64).cpu()
+        errors = known.residuals.detach().to(torch.float64).cpu()
+        bulk_dim = dim - exact.numel()
+        if bulk_dim > 0:
+            density = stochastic_lanczos_quadrature(
+                op, num_probes, num_steps, generator=gen, deflate=known
+            )
+            products += int(density.num_products)
+            nodes = density.nodes.to(torch.float64)
+            weights = density.weights.to(torch.float64)
+        else:
+            nodes = weights = torch.zeros(0, 0, dtype=torch.float64)
+        groups.append(_Group(exact, errors, nodes, weights, bulk_dim))
+    return groups, density, top, bottom, products
+
+
 def estimate_sharpness_dimension(
     model: torch.nn.Module,
     loss_fn: Callable[..., Any],
     data: Any,
     lr: float,
-    method: str = "topk",
+    method: str = DEFAULT_METHOD,
     *,
     protocol: str = "minibatch",
-    k: int = 20,
-    k_bottom: int = 2,
+    k: int | None = None,
+    k_bottom: int | None = None,
     num_probes: int | None = None,
     num_steps: int | None = None,
     bins: int = 200,
     bandwidth: float | None = None,
     num_quantiles: int = 1000,
-    tol: float = 1e-3,
+    tol: float | None = None,
     max_dim: int = 4096,
     init: torch.Tensor | None = None,
+    init_bottom: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     exponent_map: str = "gd",
     momentum: float = 0.0,
     preconditioner: torch.Tensor | None = None,
     eps: float = 0.0,
     operator_options: dict[str, Any] | None = None,
+    solver_options: dict[str, Any] | None = None,
 ) -> SharpnessDimensionEstimate:
     """Estimate the sharpness dimension of ``model`` at its current parameters.
 
@@ -190,34 +439,43 @@ def estimate_sharpness_dimension(
         data: one ``(inputs, targets)`` batch or a sequence of them (with
             ``protocol="minibatch"`` each is one minibatch Hessian).
         lr: learning rate ``η > 0`` of the map.
-        method: ``"exact"``, ``"slq"``, ``"kde"``, ``"ps"`` or ``"topk"`` (module docstring).
+        method: ``"deflated"`` (default), ``"exact"``, ``"slq"``, ``"kde"``, ``"ps"`` or
+            ``"topk"`` (module docstring).
         protocol: ``"minibatch"`` (default, the paper's) or ``"full-batch"``.
-        k: top eigenpairs per batch (``topk``).
-        k_bottom: bottom eigenpairs per batch (``topk``; ``0`` for none).
+        k: top eigenpairs per batch (``deflated``/``topk``; default ``DEFAULTS["k"]`` = 8).
+        k_bottom: bottom eigenpairs per batch (``deflated``/``topk``; default 4; ``0`` for
+            none, which leaves the sign of the bottom to the quadrature).
         num_probes: SLQ probes: total for ``slq``/``kde``/``ps`` (default 50; the paper used
-            500), per batch for ``topk`` (default 2).
-        num_steps: Lanczos steps per probe (default 80 for ``slq``/``kde``/``ps``; 30 for
-            ``topk``).
+            500), per batch for ``deflated``/``topk`` (default 6, at least 2: the uncertainty
+            is a jackknife over them).
+        num_steps: Lanczos steps per probe (default 80 for ``slq``/``kde``/``ps``; 24 for
+            ``deflated``; ``topk`` always uses 1, a Hutchinson sample of the bulk's mean).
         bins: histogram bins (``slq``).
         bandwidth: KDE bandwidth (``kde``; default 1 % of the node spread).
         num_quantiles: ``M`` (``ps``).
-        tol: Lanczos tolerance (``topk``).
+        tol: relative Lanczos tolerance of the exact ends (default ``1e-2``).
         max_dim: size guard of ``exact`` (dense ``d × d`` matrices).
-        init: ``(d, j)`` cached eigenvectors to warm-start the first batch's top-``k`` Lanczos.
+        init: ``(d, j)`` cached top eigenvectors to warm-start the first batch's top-``k``
+            Lanczos (e.g. ``previous.eigenvectors``).
+        init_bottom: the same for the bottom end (``previous.bottom_eigenvectors``).
         generator: random source for probes and start vectors (the global RNG is untouched).
         exponent_map: ``"gd"`` (paper), ``"momentum"`` (heavy ball) or ``"adam"`` (with
             ``preconditioner``); see :mod:`sdopt.dimension.exponents`.
         momentum: heavy-ball ``β`` or Adam's ``β₁``.
         preconditioner: ``(d,)`` positive diagonal ``P`` (e.g. :func:`adam_preconditioner`):
-            the spectrum of ``P^{-1/2} H P^{-1/2}`` is used.
+            the spectrum of ``P^{-1/2} H P^{-1/2}`` is used; ``P = inf`` freezes a coordinate.
         eps: ``ε ≥ 0`` inside the logarithm.
-        operator_options: keyword arguments for :class:`sdopt.HessianOperator` (e.g. ``mode``).
+        operator_options: keyword arguments for :class:`sdopt.HessianOperator` (e.g. ``mode``,
+            ``dropout``).
+        solver_options: keyword arguments for :func:`sdopt.top_eigenpairs` (``max_iters``,
+            ``max_basis``, ``init_noise``, ``criterion``).
 
     Returns:
         :class:`SharpnessDimensionEstimate`.
 
     Raises:
         ValueError: for invalid arguments, or ``method="exact"`` with ``d > max_dim``.
+        NonFiniteLossError: the loss on the curvature data is NaN or infinite.
     """
     start = time.perf_counter()
     lr = check_positive("lr", lr)
@@ -226,8 +484,11 @@ def estimate_sharpness_dimension(
     check_choice("exponent_map", exponent_map, EXPONENT_MAPS)
     momentum = check_in_range("momentum", momentum, 0.0, 1.0, high_open=True)
     eps = check_positive("eps", eps, allow_zero=True)
-    k = check_int("k", k, minimum=1)
-    k_bottom = check_int("k_bottom", k_bottom, minimum=0)
+    k = check_int("k", DEFAULTS["k"] if k is None else k, minimum=1)
+    k_bottom = check_int(
+        "k_bottom", DEFAULTS["k_bottom"] if k_bottom is None else k_bottom, minimum=0
+    )
+    tol = check_positive("tol", DEFAULTS["tol"] if tol is None else tol)
     bins = check_int("bins", bins, minimum=1)
     num_quantiles = check_int("num_quantiles", num_quantiles, minimum=1)
     max_dim = check_int("max_dim", max_dim, minimum=1)
@@ -243,34 +504,43 @@ def estimate_sharpness_dimension(
             "Invalid preconditioner: None (exponent_map='adam' needs Adam's preconditioner, "
             "see adam_preconditioner)"
         )
+    if solver_options is not None and not isinstance(solver_options, dict):
+        raise ValueError(f"Invalid solver_options: {solver_options!r} (must be a dict)")
     paper = method in ("slq", "kde", "ps")
+    if paper:
+        default_probes, default_steps, least = (*_PAPER_DEFAULTS.values(), 1)
+    else:
+        default_probes, default_steps, least = DEFAULTS["num_probes"], DEFAULTS["num_steps"], 2
     num_probes = check_int(
-        "num_probes", num_probes if num_probes is not None else (50 if paper else 2),
-        minimum=1 if paper else 0,
-    )  # fmt: skip
-    num_steps = check_int(
-        "num_steps", num_steps if num_steps is not None else (80 if paper else 30), minimum=1
+        "num_probes", default_probes if num_probes is None else num_probes, minimum=least
     )
+    num_steps = check_int(
+        "num_steps", default_steps if num_steps is None else num_steps, minimum=1
+    )
+    if method == "topk":
+        num_steps = 1
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     ops = _operators(model, loss_fn, data, protocol, preconditioner, dict(operator_options or {}))
     dim = int(ops[0].dim)
+    loss = sum(_loss(op) for op in ops) / len(ops)
     settings: dict[str, Any] = {"protocol": protocol, "num_batches": len(ops)}
-    eigenvalues = eigenvectors = density = None
-    products = 0
+    out: dict[str, Any] = {}
 
+    groups = None
     if method == "exact":
         if dim > max_dim:
             raise ValueError(
                 f"Invalid method: 'exact' (needs dense {dim} × {dim} Hessians, d = {dim} > "
-                f"max_dim = {max_dim}; use method='topk' or raise max_dim deliberately)"
+                f"max_dim = {max_dim}; use method='deflated' or raise max_dim deliberately)"
             )
         dense = _dense_hessians(
             model, loss_fn, data, protocol, preconditioner, dict(operator_options or {}), max_dim
         )
-        rows = [torch.linalg.eigvalsh(h) for h in dense]
-        eigenvalues = torch.stack(rows)
-        products = dim * len(ops)
+        eigenvalues = torch.stack([torch.linalg.eigvalsh(h) for h in dense])
         sketch = SpectrumSketch(eigenvalues, torch.ones_like(eigenvalues), dim)
+        out.update(eigenvalues=eigenvalues, num_products=dim * len(ops))
+        out.update(lambda_max=float(eigenvalues[:, -1].mean()))
+        out.update(lambda_min=float(eigenvalues[:, 0].mean()))
     elif paper:
         from sdopt.spectrum import stochastic_lanczos_quadrature
 
@@ -278,70 +548,102 @@ def estimate_sharpness_dimension(
         density = stochastic_lanczos_quadrature(
             lambda r: ops[order[r % len(ops)]], num_probes, num_steps, generator=gen
         )
-        products = int(density.num_products)
         kind = {"slq": "histogram", "kde": "kde", "ps": "quantiles"}[method]
         options = {"bins": bins, "bandwidth": bandwidth, "num_quantiles": num_quantiles}
         sketch = SpectrumSketch(
             density.nodes.to(torch.float64), density.weights.to(torch.float64) * dim, dim,
             kind, "mixture", options,
         )  # fmt: skip
+        live = sketch.weights > 0
+        top_nodes = torch.where(live, sketch.nodes, -math.inf).max(1).values
+        bottom_nodes = torch.where(live, sketch.nodes, math.inf).min(1).values
+        out.update(density=density, num_products=int(density.num_products))
+        out.update(lambda_max=float(top_nodes.mean()), lambda_min=float(bottom_nodes.mean()))
         settings.update(num_probes=num_probes, num_steps=num_steps)
         settings.update({"slq": {"bins": bins}, "kde": {"bandwidth": bandwidth},
                          "ps": {"num_quantiles": num_quantiles}}[method])  # fmt: skip
     else:
-        from sdopt.spectrum import stochastic_lanczos_quadrature, top_eigenpairs
-
         if k + k_bottom > dim:
-            raise ValueError(f"Invalid k: {k} (k + k_bottom must be <= d = {dim})")
-        warm = init
-        node_rows, weight_rows, exact_rows = [], [], []
-        for op in ops:
-            top = top_eigenpairs(op, k, which="LA", tol=tol, init=warm, generator=gen)
-            warm = top.eigenvectors
-            bottom = None
-            if k_bottom > 0:
-                bottom = top_eigenpairs(op, k_bottom, which="SA", tol=tol, generator=gen)
-            known = _merge(top, bottom)
-            products += int(known.num_products)
-            exact = known.eigenvalues.detach().to(torch.float64).cpu()
-            exact_rows.append(exact)
-            bulk_dim = dim - exact.numel()
-            if bulk_dim > 0 and num_probes > 0:
-                density = stochastic_lanczos_quadrature(
-                    op, num_probes, num_steps, generator=gen, deflate=known
-                )
-                products += int(density.num_products)
-                bn = density.nodes.reshape(-1).to(torch.float64)
-                bw = density.weights.reshape(-1).to(torch.float64) * (bulk_dim / num_probes)
-            elif bulk_dim > 0:  # no probes: the bulk as eigenvalue 0 (neutral exponents)
-                bn = torch.zeros(1, dtype=torch.float64)
-                bw = torch.full((1,), float(bulk_dim), dtype=torch.float64)
-            else:
-                bn = bw = torch.zeros(0, dtype=torch.float64)
-            node_rows.append(torch.cat([exact, bn]))
-            weight_rows.append(torch.cat([torch.ones_like(exact), bw]))
-        width = max(r.numel() for r in node_rows)
-        nodes = torch.zeros(len(ops), width, dtype=torch.float64)
-        weights = torch.zeros(len(ops), width, dtype=torch.float64)
-        for i, (n, w) in enumerate(zip(node_rows, weight_rows)):
-            nodes[i, : n.numel()], weights[i, : w.numel()] = n, w
-        sketch = SpectrumSketch(nodes, weights, dim)
-        eigenvalues = torch.stack(exact_rows)
-        eigenvectors = warm.detach() if warm is not None else None
+            raise ValueError(
+                f"Invalid k: {k} (k + k_bottom = {k + k_bottom} must be <= d = {dim})"
+            )
+        groups, density, top, bottom, products = _measure_deflated(
+            ops, k, k_bottom, num_probes, num_steps, tol, init, init_bottom, gen,
+            dict(solver_options or {}),
+        )  # fmt: skip
+        sketch = SpectrumSketch(*_group_rows(groups), dim)
+        exact = torch.stack([g.exact for g in groups])
+        out.update(eigenvalues=exact, num_products=max(products, _products(ops)))
+        out.update(density=density, eigenvectors=top.eigenvectors.detach())
+        out.update(residuals=torch.stack([g.errors for g in groups]))
+        out.update(lambda_max=float(exact[:, 0].mean()))
+        if bottom is not None:
+            out.update(bottom_eigenvectors=bottom.eigenvectors.detach())
+            out.update(lambda_min=float(exact[:, k].mean()))
+        else:
+            live = sketch.weights > 0
+            bottom_nodes = torch.where(live, sketch.nodes, math.inf).min(1).values
+            out.update(lambda_min=float(bottom_nodes.mean()))
+        converged = bool(top.converged and (bottom is None or bottom.converged))
         settings.update(k=k, k_bottom=k_bottom, num_probes=num_probes, num_steps=num_steps,
-                        tol=tol)  # fmt: skip
+                        tol=tol, converged=converged)  # fmt: skip
 
-    value, uncertainty = sd_from_spectrum(
-        sketch, lr, eps=eps, exponent_map=exponent_map, momentum=momentum
-    )
-    trace = float((sketch.nodes * sketch.weights).sum(1).mean())
-    z = exponents_unchecked(sketch.nodes, lr, map=exponent_map, momentum=momentum, eps=eps)
-    mask = torch.cat([sketch.weights > 0] * (z.shape[1] // sketch.nodes.shape[1]), dim=1)
-    lambda_1 = float(torch.where(mask, z, -math.inf).max(dim=1).values.mean())
-    products = max(products, _products(ops)) if method != "exact" else products
+    reading = _readout(sketch, groups, lr, eps, exponent_map, momentum)
     return SharpnessDimensionEstimate(
-        value=value, uncertainty=uncertainty, method=method, lr=lr, protocol=protocol, dim=dim,
-        num_products=products, seconds=time.perf_counter() - start, settings=settings,
-        spectrum=sketch, eigenvalues=eigenvalues, eigenvectors=eigenvectors, density=density,
-        trace=trace, lambda_1=lambda_1, exponent_map=exponent_map, momentum=momentum, eps=eps,
+        method=method, lr=lr, protocol=protocol, dim=dim,
+        num_products=int(out.pop("num_products")), seconds=time.perf_counter() - start,
+        settings=settings, spectrum=sketch, exponent_map=exponent_map, momentum=momentum,
+        eps=eps, loss=loss, extra={"groups": groups} if groups is not None else {},
+        **reading, **out,
     )  # fmt: skip
+
+
+def _readout(
+    sketch: SpectrumSketch, groups: list[_Group] | None, lr: float, eps: float, map: str,
+    momentum: float,
+) -> dict[str, Any]:  # fmt: skip
+    """Everything an estimate reads off its measurement at learning rate ``lr`` (no products):
+    the value, its uncertainty and plausible range, the decomposition and ``λ_1``."""
+    dim = sketch.dim
+    z, zw = exponents_and_weights(sketch.nodes, sketch.weights, lr, eps, map, momentum)
+    if groups is None:  # exact spectra, or the paper's pooled SLQ measures
+        value, uncertainty = sd_from_spectrum(
+            sketch, lr, eps=eps, exponent_map=map, momentum=momentum
+        )
+        if sketch.kind == "points" and sketch.pooling == "quantile" and sketch.num_groups == 1:
+            uncertainty = 0.0  # one exact spectrum: nothing is uncertain
+        low, high = value - 2 * uncertainty, value + 2 * uncertainty
+    else:
+        value = quantile_pooled_sd(z, zw)
+        # uncertainty: leave one probe out of every operator, and one operator out
+        num_probes = max(g.nodes.shape[0] for g in groups)
+        probe_se = math.nan
+        if any(g.bulk_dim > 0 for g in groups) and num_probes > 1:
+            loo = []
+            for r in range(num_probes):
+                n_r, w_r = _group_rows(groups, [i for i in range(num_probes) if i != r])
+                loo.append(
+                    quantile_pooled_sd(*exponents_and_weights(n_r, w_r, lr, eps, map, momentum))
+                )
+            probe_se = _jackknife(loo)
+        batch_se = math.nan
+        if len(groups) > 1:
+            rest = [[j for j in range(len(groups)) if j != i] for i in range(len(groups))]
+            batch_se = _jackknife([quantile_pooled_sd(z[r], zw[r]) for r in rest])
+        uncertainty = _quadrature(probe_se, batch_se)
+        if not math.isfinite(uncertainty):
+            uncertainty = 0.0  # every eigenvalue exact (k + k_bottom = d, one operator)
+        z_low, z_high = _shifted_exponents(z, groups, lr, eps, map, momentum)
+        low = min(value - 2 * uncertainty, quantile_pooled_sd(z_low, zw))
+        high = max(value + 2 * uncertainty, quantile_pooled_sd(z_high, zw))
+    parts = _decomposition(sketch.nodes, sketch.weights, z, zw, lr, map, momentum)
+    lambda_1 = float(torch.where(zw > 0, z, -math.inf).max(dim=1).values.mean())
+    return {
+        "value": float(value),
+        "uncertainty": float(uncertainty),
+        "low": min(max(float(low), 0.0), float(dim)),
+        "high": min(max(float(high), 0.0), float(dim)),
+        "j_star": float(math.floor(value)),
+        "lambda_1": lambda_1,
+        **parts,
+    }

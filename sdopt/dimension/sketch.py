@@ -70,7 +70,7 @@ class SpectrumSketch:
 
 
 # --------------------------------------------------------------------------- discrete readings
-def _exponents_and_weights(
+def exponents_and_weights(
     nodes: torch.Tensor, weights: torch.Tensor, lr: float, eps: float, map: str, momentum: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     z = exponents_unchecked(nodes, lr, map=map, momentum=momentum, eps=eps)
@@ -79,7 +79,7 @@ def _exponents_and_weights(
     return z, w
 
 
-def _quantile_pooled_sd(z: torch.Tensor, w: torch.Tensor) -> float:
+def quantile_pooled_sd(z: torch.Tensor, w: torch.Tensor) -> float:
     """KY of the position-by-position average of each row's decreasing rearrangement."""
     groups = z.shape[0]
     if groups == 1:
@@ -167,7 +167,7 @@ def _interval_sd(
         frac = (torch.arange(sub, dtype=torch.float64) + 0.5) / sub
         pts = (a[:, None] + (b - a)[:, None] * frac[None, :]).reshape(-1)
         pw = (masses[:, None] / sub).expand(-1, sub).reshape(-1)
-        z, w = _exponents_and_weights(pts, pw, lr, eps, map, momentum)
+        z, w = exponents_and_weights(pts, pw, lr, eps, map, momentum)
         return weighted_kaplan_yorke(z, w)
     if map == "adam" and momentum == 0.0:
         map = "gd"
@@ -215,16 +215,16 @@ def _interval_sd(
 # --------------------------------------------------------------------------- public entry
 def _sketch_sd(sk: SpectrumSketch, lr: float, eps: float, map: str, momentum: float) -> float:
     if sk.kind == "points":
-        z, w = _exponents_and_weights(sk.nodes, sk.weights, lr, eps, map, momentum)
+        z, w = exponents_and_weights(sk.nodes, sk.weights, lr, eps, map, momentum)
         if sk.pooling == "quantile":
-            return _quantile_pooled_sd(z, w)
+            return quantile_pooled_sd(z, w)
         return weighted_kaplan_yorke(z.reshape(-1), w.reshape(-1) / sk.num_groups)
     nodes = sk.nodes.reshape(-1)
     weights = sk.weights.reshape(-1) / sk.num_groups
     if sk.kind == "quantiles":
         num = int(sk.options.get("num_quantiles", 1000))
         q = equal_mass_quantiles(nodes, weights, num)
-        z, w = _exponents_and_weights(q, torch.full_like(q, sk.dim / num), lr, eps, map, momentum)
+        z, w = exponents_and_weights(q, torch.full_like(q, sk.dim / num), lr, eps, map, momentum)
         return weighted_kaplan_yorke(z, w)
     if sk.kind == "histogram":
         edges, masses = _histogram_cells(nodes, weights, int(sk.options.get("bins", 200)))

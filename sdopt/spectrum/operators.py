@@ -255,18 +255,20 @@ def preconditioned(op: Any, preconditioner: Tensor) -> LinearOperator:
     """``P^{-1/2} A P^{-1/2}`` for a positive diagonal preconditioner ``P`` (shape ``(dim,)``).
 
     Same spectrum as ``P^{-1} A`` (similar matrices); one product of ``A`` per column.
+    ``P = inf`` marks a frozen coordinate (``P^{-1/2} = 0``: e.g. a parameter Adam never
+    moved), whose row and column of the result are zero.
     """
     base = as_operator(op)
     if (
         not isinstance(preconditioner, Tensor)
         or preconditioner.shape != (base.dim,)
-        or not torch.isfinite(preconditioner).all()
+        or torch.isnan(preconditioner).any()
         or not (preconditioner > 0).all()
     ):
         shape = tuple(getattr(preconditioner, "shape", ()))
         raise ValueError(
-            f"Invalid preconditioner: shape {shape} (must be a positive finite tensor of shape "
-            f"({base.dim},))"
+            f"Invalid preconditioner: shape {shape} (must be a tensor of shape ({base.dim},) "
+            "with entries > 0; inf marks a frozen coordinate)"
         )
     d = preconditioner.to(dtype=base.dtype, device=base.device).rsqrt()[:, None]
     return LinearOperator(

@@ -73,29 +73,29 @@ def test_full_batch_protocol(problem) -> None:
     assert est.protocol == "full-batch"
 
 
-def test_topk_with_every_eigenpair_is_exact(problem) -> None:
+def test_deflated_with_every_eigenpair_is_exact(problem) -> None:
     model, batches, spectra, lr = problem
     est = estimate_sharpness_dimension(
-        model, LOSS, batches, lr, "topk", k=40, k_bottom=2, tol=1e-10,
+        model, LOSS, batches, lr, "deflated", k=40, k_bottom=2, tol=1e-10,
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     assert est.value == pytest.approx(sharpness_dimension(spectra, lr), abs=1e-6)
     assert est.eigenvectors.shape == (42, 40)
 
 
-def test_topk_with_a_bulk_is_close(problem) -> None:
+def test_deflated_with_a_bulk_is_close(problem) -> None:
     model, batches, spectra, lr = problem
     batches = batches[:2]
     exact = sharpness_dimension(spectra[:2], lr)
     est = estimate_sharpness_dimension(
-        model, LOSS, batches, lr, "topk", k=8, k_bottom=2, num_probes=30, num_steps=30,
+        model, LOSS, batches, lr, "deflated", k=8, k_bottom=2, num_probes=30, num_steps=30,
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     assert est.value == pytest.approx(exact, rel=0.03)
     assert est.eigenvalues.shape == (2, 10)
     # a warm start from the cached vectors needs fewer products for the same answer
     again = estimate_sharpness_dimension(
-        model, LOSS, batches, lr, "topk", k=8, k_bottom=2, num_probes=30, num_steps=30,
+        model, LOSS, batches, lr, "deflated", k=8, k_bottom=2, num_probes=30, num_steps=30,
         init=est.eigenvectors, generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     assert again.value == pytest.approx(exact, rel=0.03)
@@ -153,11 +153,11 @@ def test_adam_map_uses_preconditioned_spectrum(problem) -> None:
     d = p.rsqrt()
     ev = torch.linalg.eigvalsh(d[:, None] * h * d[None, :])
     assert est.value == pytest.approx(sharpness_dimension(ev, lr), abs=1e-8)
-    topk = estimate_sharpness_dimension(
-        model, LOSS, batches[:1], lr, "topk", k=40, k_bottom=2, tol=1e-10,
+    deflated = estimate_sharpness_dimension(
+        model, LOSS, batches[:1], lr, "deflated", k=40, k_bottom=2, tol=1e-10,
         exponent_map="adam", preconditioner=p,
     )  # fmt: skip
-    assert topk.value == pytest.approx(est.value, abs=1e-6)
+    assert deflated.value == pytest.approx(est.value, abs=1e-6)
 
 
 def test_exact_size_guard(problem) -> None:
@@ -190,10 +190,10 @@ def test_gd_map_rejects_momentum(problem) -> None:
         estimate_sharpness_dimension(model, LOSS, batches, lr, momentum=0.5)
 
 
-def test_topk_too_many_pairs(problem) -> None:
+def test_deflated_too_many_pairs(problem) -> None:
     model, batches, _, lr = problem
     with pytest.raises(ValueError, match="Invalid k: 41"):
-        estimate_sharpness_dimension(model, LOSS, batches, lr, "topk", k=41, k_bottom=2)
+        estimate_sharpness_dimension(model, LOSS, batches, lr, "deflated", k=41, k_bottom=2)
 
 
 def test_invalid_lr(problem) -> None:
