@@ -209,6 +209,13 @@ class CSVLogger(Logger):
             self._writer = None
 
 
+def _digits(value: float, significant: int) -> str:
+    """``significant`` digits, but whole numbers from ``10**significant`` on (SD 45541, not 4.554e+04)."""
+    if math.isfinite(value) and abs(value) >= 10**significant:
+        return f"{value:.0f}"
+    return f"{value:.{significant}g}"
+
+
 class ConsoleLogger(Logger):
     """Print a one-line summary of every ``every``-th record.
 
@@ -236,13 +243,13 @@ class ConsoleLogger(Logger):
     @staticmethod
     def _sd_text(record: EstimateRecord) -> str:
         sd, unc = record.sharpness_dimension, record.uncertainty
-        text = f"SD {sd:.4g} ± {unc:.2g}"
+        text = f"SD {_digits(sd, 4)} ± {_digits(unc, 2)}"
         low, high = record.sd_low, record.sd_high
         if math.isfinite(low) and math.isfinite(high):
             width = high - low
             wide = width > 4 * unc * (1 + 1e-6) if math.isfinite(unc) else width > 0
             if wide:
-                text += f" [{low:.4g}, {high:.4g}]"
+                text += f" [{_digits(low, 4)}, {_digits(high, 4)}]"
         return text
 
     @staticmethod

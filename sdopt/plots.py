@@ -191,7 +191,7 @@ def _decomposition_panel(ax: Any, rows: Sequence[dict[str, Any]]) -> None:
     top = max(counts, default=0.0)
     if top > 20:
         ax.set_yscale("symlog", linthresh=1.0)  # a few edge directions beside hundreds negative
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(bottom=-0.5)  # a count of 0 stays visible above the axis
     else:
         ax.set_ylim(-0.5, max(top, 1.0) + 0.5)
     ax.set_ylabel("directions")

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,13 @@ def test_console_logger_shows_the_range_only_when_wide() -> None:
     assert old.startswith("[sdopt] step 10: SD 2.5 ± 0.25 | λmax 4.000e+01 | edge ratio 1.000 |")
 
 
+def test_console_logger_writes_large_sd_as_whole_numbers() -> None:
+    line = ConsoleLogger.format(
+        _record(sharpness_dimension=45540.93, uncertainty=213.6, sd_low=44900.2, sd_high=46100.0)
+    )
+    assert "SD 45541 ± 214 [44900, 46100] |" in line  # not 4.554e+04 ± 2.1e+02
+
+
 def test_console_docstring_example_line_matches_the_format() -> None:
     doc = ConsoleLogger.__doc__ or ""
     example = doc.split("Example line::")[1].strip().splitlines()[0].strip()
@@ -226,6 +234,22 @@ def read_wandb_records(path: Path) -> list:
     return out
 
 
+def finished_run_records(run_dir: Path, timeout: float = 30.0) -> list:
+    """The records of the run in ``run_dir`` once its log holds the ``exit`` record.
+
+    ``run.finish()`` can return before the W&B service has flushed the offline log (seen under
+    load: a 7-byte file, header only), so wait for the record that closes it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_wandb_records(next(run_dir.glob("*.wandb")))
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no exit record in {run_dir} after {timeout} s")
+        time.sleep(0.05)
+
+
 def _history_rows(records: list) -> list[dict[str, float]]:
     rows = []
     for rec in records:
@@ -265,7 +289,7 @@ def test_wandb_logger_offline_run_is_read_back(wandb_offline) -> None:
     run_dir = Path(logger.run.dir).parent
     logger.close()
     assert wandb.run is None  # the logger created the run, so it finished it
-    records = read_wandb_records(next(run_dir.glob("*.wandb")))
+    records = finished_run_records(run_dir)
     metrics = {
         r.metric.glob_name or r.metric.name: r.metric.step_metric
         for r in records
@@ -297,6 +321,6 @@ def test_wandb_logger_reuses_existing_run(wandb_offline, monkeypatch: pytest.Mon
     assert wandb.run is run  # still open: the user owns it
     run_dir = Path(run.dir).parent
     run.finish()
-    rows = _history_rows(read_wandb_records(next(run_dir.glob("*.wandb"))))
+    rows = _history_rows(finished_run_records(run_dir))
     assert any(r.get("sdopt/step") == 1 for r in rows)
     assert any(r.get("user/loss") == 0.5 for r in rows)
