@@ -35,7 +35,12 @@ from sdopt.dimension.penalty import (
     sharpness_dimension_penalty,
 )
 from sdopt.dimension.sketch import SpectrumSketch, sd_from_spectrum
-from sdopt.dimension.surrogate import smooth_sharpness_dimension, surrogate_weights
+from sdopt.dimension.surrogate import (
+    smooth_sharpness_dimension,
+    smooth_sharpness_dimension_from_estimate,
+    surrogate_temperature,
+    surrogate_weights,
+)
 
 __all__ = [
     "SharpnessDimensionEstimate",
@@ -52,6 +57,8 @@ __all__ = [
     "sharpness_dimension",
     "sharpness_dimension_penalty",
     "smooth_sharpness_dimension",
+    "smooth_sharpness_dimension_from_estimate",
+    "surrogate_temperature",
     "surrogate_weights",
     "weighted_kaplan_yorke",
 ]

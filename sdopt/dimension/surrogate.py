@@ -382,9 +382,16 @@ def surrogate_temperature(
     (saturated, ``T ≥ 0``).
 
     Args:
-        eigenvalues, weights, bulk_nodes, bulk_weights, bulk_dim, bulk_trace, exponent_map,
-            momentum, eps: as in :func:`smooth_sharpness_dimension`.
+        eigenvalues: 1-D exact eigenvalues (as in :func:`smooth_sharpness_dimension`).
         lr: learning rate ``η > 0``.
+        weights: their multiplicities (default ones).
+        bulk_nodes: bulk eigenvalue nodes.
+        bulk_weights: their weights.
+        bulk_dim: trace-only bulk size.
+        bulk_trace: trace-only bulk sum.
+        exponent_map: ``"gd"``, ``"momentum"`` or ``"adam"``.
+        momentum: heavy-ball ``β`` or Adam's ``β₁``.
+        eps: ``ε ≥ 0`` inside the logarithm.
         relative_bias: ``ρ ∈ (0, 1)`` (default :data:`RELATIVE_BIAS` = 0.01).
 
     Returns:
@@ -548,7 +555,7 @@ def smooth_sharpness_dimension_from_estimate(
     if sketch.kind != "points":
         raise ValueError(
             f"Invalid estimate: spectrum kind {sketch.kind!r} (the surrogate reads point masses; "
-            "use a 'topk'/'exact'-style estimate whose spectrum kind is 'points')"
+            "use a 'deflated', 'topk' or 'exact' estimate, whose spectrum kind is 'points')"
         )
     is_estimate = sketch is not estimate
     if lr is None:

@@ -203,6 +203,11 @@ def test_default_temperature_is_within_one_percent_of_exact(
     ev, lr = battery(exponent_map, beta)[name]
     sd, mass = exact_sd(ev, lr, exponent_map, beta)
     s = float(smooth_sharpness_dimension(ev, lr, exponent_map=exponent_map, momentum=beta))
+    ref = min(sd, mass - sd)
+    print(
+        f"{exponent_map}({beta}) {name}: D={mass:.0f} SD={sd:.4f} S={s:.4f} bias={s - sd:.2e}"
+        + (f" bias/min(SD,D-SD)={(s - sd) / ref:.2e}" if ref > 0 else "")
+    )
     assert s >= sd - 1e-9  # softplus >= plus: an upper bound
     if 0 < sd < mass:
         # the criterion is 5 %; the rule guarantees 1 % (+ rounding)
@@ -219,6 +224,10 @@ def test_psd_below_the_edge_default_is_zero_where_the_old_default_was_d() -> Non
     old = float(smooth_sharpness_dimension(ev, lr, temperature=0.1))
     assert old > 0.99 * ev.numel()  # the defect of a fixed absolute temperature
     value, grad = surrogate_weights(ev, lr)
+    print(
+        f"psd-below-edge d={ev.numel()}: S(τ=0.1)={old:.2f}, S(default)={float(value):.2e}, "
+        f"‖∂S/∂α‖₁={float(grad.abs().sum()):.2e}"
+    )
     assert float(value) <= 0.01
     # flat: ‖∂S/∂z‖₁ <= 0.01, and |∂z/∂α| = η/|1 − ηα| <= η/0.01 here (ηα <= 0.99)
     assert float(grad.abs().sum()) <= 0.01 * lr / 0.01
@@ -280,6 +289,7 @@ def test_bulk_nodes_see_bulk_structure_that_the_trace_misses() -> None:
     trace_only = float(
         smooth_sharpness_dimension(ends, lr, bulk_dim=d - 11, bulk_trace=float(bulk.sum()))
     )
+    print(f"bulk structure: SD={truth:.1f}, nodes={with_nodes:.1f}, trace only={trace_only:.1f}")
     assert abs(with_nodes - truth) < 0.05 * truth  # measured 200.3 vs 203.0
     assert abs(trace_only - truth) > 0.5 * truth  # measured 17.3
 
