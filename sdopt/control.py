@@ -4,28 +4,33 @@ Everything here is a pure function of (estimate, state, config) returning (new v
 state); the optimizer only stores the state and applies the value. This keeps the rules easy to
 test in isolation and makes checkpoints trivial (the states are small frozen dataclasses).
 
-Learning-rate control by prediction (THEORY.md §7, the project's own design on top of Tuci,
+Learning-rate control by prediction (THEORY.md §7–§8, the project's own design on top of Tuci,
 Korkmaz, Şimşekli, Birdal, "Generalization at the Edge of Stability", arXiv:2604.19740).
-Once a spectrum estimate exists, the sharpness dimension at any learning rate η' = s·η is
-available without new Hessian products, because the Lyapunov exponents are ``log|1 - η'α|``.
-Given ``predict(s) = SD(s·η)``, one update of the rule is:
+A learning rate can change only one part of the sharpness dimension: the directions beyond the
+edge of stability (``α > edge/η``), which a smaller step stabilises. Negative eigenvalues
+expand at every η (THEORY.md §8), so an SD they cause cannot be lowered by the learning rate,
+and a rule that tried would shrink the step to nothing. One update of the rule is:
 
-1. **Admissible scale.** ``s* = sup{ s ∈ [s_min, s_max] : predict(s') ≤ target for all
-   s_min ≤ s' ≤ s }``, found by a geometric scan of ``grid`` points followed by bisection in
-   log-scale to relative tolerance ``rtol``. For a Hessian with spectrum in ``[0, λ_max]`` and
-   ``target = 0`` this is ``s* = 2 / (η λ_max)`` (up to ``rtol``), the edge of stability.
-   If even ``s_min`` violates the target (possible with negative curvature, whose exponents are
-   positive at every η), the target is relaxed to ``predict(s_min)``: the scale then stops SD
-   from growing above what the smallest allowed step gives, and the state records
-   ``feasible=False``.
-2. **Asymmetric smoothing.** A *decrease* (``s* < s``) is applied at once: safety first, the
-   step never stays beyond the target waiting for an average to catch up. An *increase* goes
+1. **Edge scale.** ``s_edge = target_edge_ratio · edge / (η · λ̂_max)``, where ``λ̂_max`` is the
+   largest Ritz value plus its residual bound (an interval that holds an eigenvalue, so a loose
+   eigen-solver tolerance cannot push the step past the edge) and ``edge`` the exponent map's
+   edge of stability (2 for GD). With ``λ̂_max ≤ 0`` nothing is beyond any edge:
+   ``s_edge = ∞``.
+2. **Optional SD target.** With ``target_sd`` set, ``s_sd = sup{ s ∈ [s_min, s_max] :
+   predict(s') ≤ target for all s_min ≤ s' ≤ s }`` (geometric scan of ``grid`` points, then
+   bisection in log-scale to relative tolerance ``rtol``), where ``predict(s) = SD(s·η)`` comes
+   from the stored spectrum with no new products. The raw scale is ``min(s_sd, s_edge)``. If
+   even ``s_min`` violates the target — the SD comes from directions no learning rate
+   stabilises — the target is *not met* (``feasible=False``): the rule falls back to
+   ``s_edge`` instead of collapsing the scale, and the optimizer warns once.
+3. **Asymmetric smoothing.** A *decrease* (``s* < s``) is applied at once: safety first, the
+   step never stays beyond the edge waiting for an average to catch up. An *increase* goes
    through an exponential moving average in log-scale, ``m ← β m + (1 - β) log s*``, is capped
    at ``s*`` and at ``max_growth · s`` per update, and is applied only when it exceeds the
    current scale by more than the relative ``hysteresis`` band (no chattering).
-3. **Clamps.** The result is clamped to ``[min_scale, max_scale]``. With the default
-   ``max_scale = 1`` the controller only ever lowers the user's learning rate; allow
-   ``max_scale > 1`` to let it climb up to the edge of stability.
+4. **Clamps.** The result is clamped to ``[min_scale, max_scale]`` (default ``[1e-3, 100]``:
+   the rule raises as well as lowers the user's learning rate, toward the edge and never past
+   it).
 
 Penalty schedule: :func:`penalty_weight` ramps the penalty strength linearly over ``warmup``
 steps (0 disables the ramp).
@@ -53,8 +58,10 @@ class LRControllerConfig:
     """Settings of the learning-rate controller (see the module docstring for the rule).
 
     Attributes:
-        target_sd: Largest allowed predicted sharpness dimension (``>= 0``). ``0`` keeps the
-            step just below the edge of stability on a positive semi-definite spectrum.
+        target_sd: Largest allowed predicted sharpness dimension (``>= 0``), or ``None``
+            (default): ride the edge of stability only (step 1 of the rule).
+        target_edge_ratio: The edge ratio ``η·λ̂_max/edge`` the rule steers to (``> 0``; default
+            0.95: just below the edge).
         smoothing: EMA coefficient ``β ∈ [0, 1)`` applied to increases (0: no smoothing).
         hysteresis: Relative dead band ``≥ 0``: an increase smaller than ``hysteresis · s`` is
             ignored.
@@ -65,17 +72,20 @@ class LRControllerConfig:
         rtol: Relative tolerance (``> 0``) of the bisection.
     """
 
-    target_sd: float = 0.0
+    target_sd: float | None = None
+    target_edge_ratio: float = 0.95
     smoothing: float = 0.5
     hysteresis: float = 0.05
     min_scale: float = 1e-3
-    max_scale: float = 1.0
+    max_scale: float = 100.0
     max_growth: float = 2.0
     grid: int = 24
     rtol: float = 1e-3
 
     def __post_init__(self) -> None:
-        check_positive("target_sd", self.target_sd, allow_zero=True)
+        if self.target_sd is not None:
+            check_positive("target_sd", self.target_sd, allow_zero=True)
+        check_positive("target_edge_ratio", self.target_edge_ratio)
         check_in_range("smoothing", self.smoothing, 0.0, 1.0, high_open=True)
         check_positive("hysteresis", self.hysteresis, allow_zero=True)
         check_positive("min_scale", self.min_scale)
@@ -185,28 +195,41 @@ def admissible_scale(
 
 
 def update_lr_scale(
-    predict: Callable[[float], float],
+    predict: Callable[[float], float] | None,
     state: LRControllerState,
     config: LRControllerConfig,
+    *,
+    edge_scale: float = math.inf,
 ) -> tuple[float, LRControllerState]:
     """One update of the learning-rate scale (the rule in the module docstring).
 
     Args:
-        predict: ``s -> SD(s · η)`` from the latest spectrum estimate (no Hessian products).
+        predict: ``s -> SD(s · η)`` from the latest spectrum estimate (no Hessian products);
+            used only when ``config.target_sd`` is set (may be ``None`` otherwise).
         state: The controller state before the update.
         config: Controller settings.
+        edge_scale: ``s_edge`` of step 1 (``inf`` when nothing can cross an edge).
 
     Returns:
-        ``(new_scale, new_state)``.
+        ``(new_scale, new_state)``. ``new_state.feasible`` is ``False`` when ``target_sd``
+        could not be met by any scale in range.
     """
-    raw, feasible = admissible_scale(
-        predict,
-        config.target_sd,
-        config.min_scale,
-        config.max_scale,
-        grid=config.grid,
-        rtol=config.rtol,
-    )
+    edge_scale = float(edge_scale) if edge_scale == edge_scale else math.inf
+    raw = min(max(edge_scale, config.min_scale), config.max_scale)
+    feasible = True
+    if config.target_sd is not None:
+        if predict is None:
+            raise ValueError("Invalid predict: None (config.target_sd needs an SD predictor)")
+        s_sd, feasible = admissible_scale(
+            predict,
+            config.target_sd,
+            config.min_scale,
+            config.max_scale,
+            grid=config.grid,
+            rtol=config.rtol,
+        )
+        if feasible:
+            raw = min(raw, s_sd)
     current = min(max(state.scale, config.min_scale), config.max_scale)
     if raw <= current:
         new = raw
@@ -217,12 +240,13 @@ def update_lr_scale(
         candidate = min(math.exp(log_ema), raw, current * config.max_growth)
         new = candidate if candidate > current * (1.0 + config.hysteresis) else current
     new = min(max(new, config.min_scale), config.max_scale)
+    predicted = float(predict(new)) if predict is not None else math.nan
     new_state = replace(
         state,
         scale=new,
         log_ema=log_ema,
         admissible=raw,
-        predicted_sd=float(predict(new)),
+        predicted_sd=predicted,
         feasible=feasible,
         updates=state.updates + 1,
     )

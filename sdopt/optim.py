@@ -45,16 +45,17 @@ __all__ = ["EXPONENT_MAPS", "MODES", "SDOptimizer"]
 
 MODES = ("monitor", "lr", "penalty")
 EXPONENT_MAPS = ("gd", "momentum", "adam")
-ESTIMATORS = ("topk", "exact")
+# methods of estimate_sharpness_dimension with eigenpairs (warm starts and the penalty need them)
+ESTIMATORS = ("deflated", "exact", "topk")
 DEFAULT_EVERY = 400
-DEFAULT_K = 3
-DEFAULT_TOL = 1e-2
-DEFAULT_TRACE_PROBES = 4
-_STATE_VERSION = 1
-
-
-class _NonFiniteLoss(FloatingPointError):
-    """The loss on the curvature batch is NaN or infinite."""
+_STATE_VERSION = 2
+# keyword arguments of sdopt.top_eigenpairs accepted in estimate_kwargs (-> solver_options)
+_SOLVER_KEYS = ("max_iters", "max_basis", "init_noise", "criterion")
+# keyword arguments of estimate_sharpness_dimension accepted in estimate_kwargs
+_ESTIMATE_KEYS = (
+    "k_bottom", "num_probes", "num_steps", "bins", "bandwidth", "num_quantiles", "max_dim",
+    "eps", "operator_options", "solver_options",
+)  # fmt: skip
 
 
 def _is_batch(obj: Any) -> bool:
@@ -142,6 +143,65 @@ class _CurvatureData:
             self.draw()
 
 
+def _estimate_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``estimate_kwargs`` checked and normalised for :func:`estimate_sharpness_dimension`:
+    eigen-solver keywords go to ``solver_options``; ``trace_probes`` (first release) is
+    ``num_probes``; anything else is an error naming the key."""
+    out: dict[str, Any] = {}
+    solver = dict(options.get("solver_options") or {})
+    for key, value in options.items():
+        if key == "solver_options":
+            continue
+        if key in _SOLVER_KEYS:
+            solver[key] = value
+        elif key == "trace_probes":
+            out["num_probes"] = value
+        elif key in _ESTIMATE_KEYS:
+            out[key] = value
+        else:
+            known = ", ".join(sorted((*_ESTIMATE_KEYS, *_SOLVER_KEYS, "trace_probes")))
+            raise ValueError(
+                f"Invalid estimate_kwargs: unknown key {key!r} (known: {known})"
+            )
+    if solver:
+        out["solver_options"] = solver
+    return out
+
+
+def _exact_vectors(est: Any) -> Tensor:
+    """The Ritz vectors of the exact eigenvalues ``_exact_values(est)``: top, then bottom."""
+    parts = [est.eigenvectors]
+    if est.bottom_eigenvectors is not None:
+        parts.append(est.bottom_eigenvectors)
+    return torch.cat(parts, dim=1).detach()
+
+
+def _exact_values(est: Any) -> Tensor:
+    """The eigenvalues with Ritz vectors (top decreasing, then bottom increasing), float64."""
+    row = est.eigenvalues[-1].detach().to(torch.float64)
+    if est.method != "exact":
+        return row.clone()
+    top = row.flip(0)[: est.eigenvectors.shape[1]]
+    n_bottom = 0 if est.bottom_eigenvectors is None else est.bottom_eigenvectors.shape[1]
+    return torch.cat([top, row[:n_bottom]])
+
+
+def _bulk_of(est: Any) -> tuple[Tensor, Tensor] | None:
+    """The last operator's spectrum outside the exact eigenvalues, as ``(nodes, weights)``."""
+    if est.method == "exact":
+        row = est.eigenvalues[-1].detach().to(torch.float64)
+        n_top = est.eigenvectors.shape[1]
+        n_bottom = 0 if est.bottom_eigenvectors is None else est.bottom_eigenvectors.shape[1]
+        rest = row[n_bottom : row.numel() - n_top]
+        return (rest.clone(), torch.ones_like(rest)) if rest.numel() else None
+    groups = est.extra.get("groups")
+    if not groups or groups[-1].bulk_dim == 0:
+        return None
+    g = groups[-1]
+    scale = g.bulk_dim / g.nodes.shape[0]
+    return g.nodes.reshape(-1).clone(), (g.weights * scale).reshape(-1).clone()
+
+
 class SDOptimizer(torch.optim.Optimizer):
     """Wrap ``base_optimizer`` to monitor, control the learning rate by, or penalise the SD.
 
@@ -161,9 +221,13 @@ class SDOptimizer(torch.optim.Optimizer):
         every: Estimate every ``every`` steps (``>= 1``; default 400, chosen so that monitoring
             the grokking transformer costs under 10 % of training time, see
             ``benchmarks/overhead.py``).
-        k: Number of top Hessian eigenpairs computed at each estimate (``>= 1``).
-        estimator: ``"topk"`` (top-``k`` eigenpairs + deflated Hutchinson trace of the bulk) or
-            ``"exact"`` (dense full spectrum; small models). See :meth:`_compute_estimate`.
+        k: Number of top Hessian eigenpairs computed at each estimate (``>= 1``; default that
+            of :func:`sdopt.estimate_sharpness_dimension`, 8).
+        estimator: The method of :func:`sdopt.estimate_sharpness_dimension` that produces every
+            record: ``"deflated"`` (default: both ends of the spectrum exact, the bulk by SLQ on
+            the deflated Hessian, warm-started from the previous estimate), ``"exact"`` (dense
+            full spectrum; small models) or ``"topk"`` (the bulk as its mean: a cheap baseline
+            that cannot see negative curvature in the bulk).
         exponent_map: ``"gd"`` (the paper's map ``I - ηH``), ``"momentum"`` (heavy ball with
             the base optimizer's momentum / ``betas[0]``) or ``"adam"`` (preconditioned by the
             base optimizer's second-moment estimate; an estimate due before the base
@@ -174,7 +238,9 @@ class SDOptimizer(torch.optim.Optimizer):
         controller: ``mode="lr"``: an :class:`sdopt.control.LRControllerConfig` or a dict of
             its fields.
         penalty_strength: ``mode="penalty"``: weight of the surrogate's gradient (``>= 0``).
-        penalty_temperature: ``mode="penalty"``: temperature of the smooth surrogate (``> 0``).
+        penalty_temperature: ``mode="penalty"``: temperature of the smooth surrogate (``> 0``,
+            in exponent units), or ``None`` (default): the surrogate's own rule, which keeps it
+            within a small fraction of the SD it smooths (:func:`smooth_sharpness_dimension`).
         penalty_every: ``mode="penalty"``: recompute the penalty gradient every this many steps
             and reuse it in between (``>= 1``; default 8: a recomputation costs 3–5
             gradients).
@@ -182,13 +248,16 @@ class SDOptimizer(torch.optim.Optimizer):
         loggers: Objects with ``log(record)`` (and optionally ``close()``), e.g.
             :class:`sdopt.loggers.WandbLogger`.
         seed: Seed of the optimizer's own ``torch.Generator`` (same on every rank).
-        tol: Relative tolerance of the eigen-solver on the eigenvalues (default ``1e-2``: enough
-            for monitoring and control, whose uncertainty is dominated by the bulk).
+        tol: Relative tolerance of the eigen-solver on the eigenvalues (default that of the
+            estimator, ``1e-2``: the uncertainty of SD is dominated by the bulk).
         dropout: How the curvature forward passes treat dropout (``"off"`` or ``"fixed"``).
         max_history: Keep at most this many records in :attr:`history` (oldest dropped).
-        estimate_kwargs: Extra keyword arguments: ``trace_probes`` (Hutchinson probes of the
-            bulk trace, default 4), ``max_dim`` (``estimator="exact"``), and any keyword of
-            :func:`sdopt.spectrum.top_eigenpairs` (``max_iters``, ``max_basis``, ...).
+        estimate_kwargs: Further keyword arguments of
+            :func:`sdopt.estimate_sharpness_dimension` (``k_bottom``, ``num_probes``,
+            ``num_steps``, ``max_dim``, ``eps``, ``operator_options``, ``solver_options``, ...)
+            and of :func:`sdopt.spectrum.top_eigenpairs` (``max_iters``, ``max_basis``,
+            ``init_noise``, ``criterion``: passed as ``solver_options``). With none, every
+            record is what ``estimate_sharpness_dimension`` gives at its defaults.
 
     Raises:
         ValueError: For any invalid argument, naming it and its value.
@@ -203,18 +272,18 @@ class SDOptimizer(torch.optim.Optimizer):
         data: Any,
         mode: str = "monitor",
         every: int = DEFAULT_EVERY,
-        k: int = DEFAULT_K,
-        estimator: str = "topk",
+        k: int | None = None,
+        estimator: str = "deflated",
         exponent_map: str = "gd",
         target_sd: float | None = None,
         controller: LRControllerConfig | dict[str, Any] | None = None,
         penalty_strength: float = 1e-3,
-        penalty_temperature: float = 0.1,
+        penalty_temperature: float | None = None,
         penalty_every: int = 8,
         penalty_warmup: int = 0,
         loggers: Sequence[Any] | Any = (),
         seed: int = 0,
-        tol: float = DEFAULT_TOL,
+        tol: float | None = None,
         dropout: str = "off",
         max_history: int = 100_000,
         estimate_kwargs: dict[str, Any] | None = None,
@@ -232,7 +301,10 @@ class SDOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid loss_fn: {loss_fn!r} (must be callable)")
         self.mode = check_choice("mode", mode, MODES)
         self.every = check_int("every", every, minimum=1)
-        self.k = check_int("k", k, minimum=1)
+        from sdopt.dimension.estimators import DEFAULTS
+
+        self.k = check_int("k", DEFAULTS["k"] if k is None else k, minimum=1)
+        self._k_arg = None if k is None else self.k  # the estimator's default clamps to d
         self.estimator = check_choice("estimator", estimator, ESTIMATORS)
         self.exponent_map = check_choice("exponent_map", exponent_map, EXPONENT_MAPS)
         if controller is None:
@@ -250,16 +322,20 @@ class SDOptimizer(torch.optim.Optimizer):
         self.penalty_strength = check_positive(
             "penalty_strength", penalty_strength, allow_zero=True
         )
-        self.penalty_temperature = check_positive("penalty_temperature", penalty_temperature)
+        self.penalty_temperature = (
+            None
+            if penalty_temperature is None
+            else check_positive("penalty_temperature", penalty_temperature)
+        )
         self.penalty_every = check_int("penalty_every", penalty_every, minimum=1)
         self.penalty_warmup = check_int("penalty_warmup", penalty_warmup, minimum=0)
-        self.tol = check_positive("tol", tol)
+        self.tol = check_positive("tol", DEFAULTS["tol"] if tol is None else tol)
         self.dropout = check_choice("dropout", dropout, ("off", "fixed"))
         self.max_history = check_int("max_history", max_history, minimum=1)
         self.seed = check_int("seed", seed, minimum=0)
         if estimate_kwargs is not None and not isinstance(estimate_kwargs, dict):
             raise ValueError(f"Invalid estimate_kwargs: {estimate_kwargs!r} (must be a dict)")
-        self.estimate_kwargs = dict(estimate_kwargs or {})
+        self.estimate_kwargs = _estimate_options(estimate_kwargs or {})
         if loggers is None:
             loggers = ()
         if not isinstance(loggers, (list, tuple)):
@@ -274,6 +350,11 @@ class SDOptimizer(torch.optim.Optimizer):
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("Invalid model: it has no parameters with requires_grad=True")
+        dim = sum(p.numel() for p in trainable)
+        if self._k_arg is not None and self._k_arg > dim:
+            raise ValueError(
+                f"Invalid k: {self._k_arg} (the model has only {dim} trainable parameters)"
+            )
         model_ids = {id(p) for p in model.parameters()}
         for group in base_optimizer.param_groups:
             for p in group["params"]:
@@ -300,6 +381,7 @@ class SDOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
         self._warned_capturable_if_run_uncaptured = True
+        self._warned_infeasible = False
 
         device = trainable[0].device
         self.generator = torch.Generator(device=device)
@@ -309,13 +391,15 @@ class SDOptimizer(torch.optim.Optimizer):
         self.lr_scale = 1.0
         self.controller_state = LRControllerState()
         self.history: list[EstimateRecord] = []
-        self._eigenvalues: Tensor | None = None
-        self._eigenvectors: Tensor | None = None
+        self._eigenvalues: Tensor | None = None  # exact eigenvalues: top k, then bottom
+        self._eigenvectors: Tensor | None = None  # top-k Ritz vectors (warm start, penalty)
+        self._bottom_vectors: Tensor | None = None  # bottom Ritz vectors (warm start, penalty)
         self._penalty_grad: Tensor | None = None
         self._directions: Tensor | None = None  # P^{-1/2} v_i for the adam map
         self._penalty_batch: Any = None  # the curvature batch of the last estimate
-        self._bulk: tuple[float, float] = (0.0, 0.0)  # (bulk_dim, bulk_trace) of the last estimate
-        self._spectrum: Any = None  # the last estimate object, for predictions (not saved)
+        # the bulk's quadrature (nodes, weights) of the last estimate, for the penalty surrogate
+        self._bulk: tuple[Tensor, Tensor] | None = None
+        self._spectrum: Any = None  # the last SharpnessDimensionEstimate (not saved)
         self._sdopt_seconds = 0.0  # sdopt's own time since the last estimate started
         self._interval_start: float | None = None  # when the last estimate started
         # exponent_map='adam' before the base optimizer's first step: no preconditioner yet, the
@@ -543,80 +627,128 @@ class SDOptimizer(torch.optim.Optimizer):
             overhead = self._sdopt_seconds / (start - self._interval_start)
         self._interval_start = start
         self._sdopt_seconds = 0.0
+        base_lr = self.reference_lr()
+        from sdopt.dimension.estimators import NonFiniteLossError
+
         try:
             with self._isolated():
                 batch = self.data.draw()
-                result = self._compute_estimate(batch)
-        except _NonFiniteLoss:
+                est = self._compute_estimate(batch, base_lr * self.lr_scale)
+        except NonFiniteLossError:
             self._skip(t, "non-finite loss on the curvature batch")
             return
         except Exception as exc:  # a failed estimate must never stop training
             self._skip(t, f"estimate failed: {type(exc).__name__}: {exc}")
             return
-        if not math.isfinite(result["sharpness_dimension"]) or not all(
-            math.isfinite(x) for x in result["eigenvalues"]
-        ):
-            self._skip(t, "non-finite estimate", loss=result.get("loss", math.nan))
+        if not math.isfinite(est.value) or not bool(torch.isfinite(est.eigenvalues).all()):
+            self._skip(t, "non-finite estimate", loss=est.loss)
             return
-        base_lr = self.reference_lr()
         predicted = math.nan
         if self.mode == "lr":
-            predict = result["predict"]
-            self.lr_scale, self.controller_state = update_lr_scale(
-                lambda s: predict(s * base_lr), self.controller_state, self.controller
-            )
-            self.lr_scale = self._broadcast_scale(self.lr_scale)
+            self._update_scale(t, est, base_lr)
             predicted = self.controller_state.predicted_sd
-        self._eigenvalues = result["eigenvalues_tensor"]
-        self._eigenvectors = result["eigenvectors"]
-        self._directions = result.get("directions")
-        self._bulk = (result["bulk_dim"], result["bulk_trace"])
-        self._penalty_batch = batch if self.mode == "penalty" else None
-        self._spectrum = result
-        seconds = time.perf_counter() - start
-        lam_max = result["eigenvalues"][0]
         lr = base_lr * self.lr_scale
+        if lr != est.lr:  # the scale moved: the same spectrum read at the new learning rate
+            est = est.at_lr(lr)
+        self._eigenvalues = _exact_values(est)
+        self._eigenvectors = est.eigenvectors
+        self._bottom_vectors = est.bottom_eigenvectors
+        self._directions = self._adam_directions(est)
+        self._bulk = _bulk_of(est)
+        self._penalty_batch = batch if self.mode == "penalty" else None
+        self._spectrum = est
+        seconds = time.perf_counter() - start
         penalty = math.nan
         if self.mode == "penalty":
-            from sdopt.dimension import smooth_sharpness_dimension
-
-            try:
-                surrogate = float(
-                    smooth_sharpness_dimension(
-                        self._eigenvalues,
-                        lr,
-                        temperature=self.penalty_temperature,
-                        bulk_dim=self._bulk[0],
-                        bulk_trace=self._bulk[1],
-                    )
-                )
-            except ValueError:
-                surrogate = math.nan
-            penalty = penalty_weight(t, self.penalty_strength, self.penalty_warmup) * surrogate
+            penalty = penalty_weight(t, self.penalty_strength, self.penalty_warmup) * (
+                self._surrogate_value(lr)
+            )
+        top = _exact_values(est)[: est.eigenvectors.shape[1]]
         self._emit(
             EstimateRecord(
                 step=t,
                 mode=self.mode,
-                sharpness_dimension=result["sharpness_dimension"],
-                uncertainty=result["uncertainty"],
-                lambda_max=lam_max,
-                trace=result["trace"],
-                eigenvalues=list(result["eigenvalues"]),
+                sharpness_dimension=est.value,
+                uncertainty=est.uncertainty,
+                sd_low=est.low,
+                sd_high=est.high,
+                n_edge=est.n_edge,
+                n_neg=est.n_neg,
+                total_exponent=est.total_exponent,
+                j_star=est.j_star,
+                lambda_max=est.lambda_max,
+                lambda_min=est.lambda_min,
+                trace=est.trace,
+                eigenvalues=[float(x) for x in top[: self.k]],
                 lr=lr,
                 base_lr=base_lr,
                 lr_scale=self.lr_scale,
                 predicted_sharpness_dimension=predicted,
-                edge_ratio=lr * lam_max / self._edge(),
+                edge_ratio=lr * est.lambda_max / self._edge(),
                 penalty=penalty,
-                loss=result["loss"],
-                num_products=result["num_products"],
+                loss=est.loss,
+                num_products=est.num_products,
                 seconds=seconds,
                 overhead_fraction=overhead,
                 method=self.estimator,
-                protocol=result.get("protocol", ""),
-                converged=result.get("converged", True),
+                protocol="full-batch" if self.data.kind == "fixed" else "minibatch",
+                converged=bool(est.settings.get("converged", True)),
             )
         )
+
+    def _update_scale(self, t: int, est: Any, base_lr: float) -> None:
+        """``mode="lr"``: the controller's new scale from the estimate (no new products).
+
+        It steers by what a learning rate can change, the directions beyond the edge: the edge
+        scale uses ``λ_max`` plus its residual bound. An SD target (``target_sd``) that no scale
+        meets — negative curvature expands at every learning rate — is reported once with a
+        warning and ``feasible=False``, and the edge scale is kept instead of collapsing it."""
+        lam = est.lambda_max
+        if est.residuals is not None:
+            lam = lam + float(est.residuals[:, 0].mean())
+        edge_scale = self._edge() * self.controller.target_edge_ratio / (base_lr * lam)
+        if not lam > 0:
+            edge_scale = math.inf
+        predict = None
+        if self.controller.target_sd is not None:
+
+            def predict(s: float) -> float:
+                return est.predict(s * base_lr)[0]
+
+        self.lr_scale, self.controller_state = update_lr_scale(
+            predict, self.controller_state, self.controller, edge_scale=edge_scale
+        )
+        self.lr_scale = self._broadcast_scale(self.lr_scale)
+        if not self.controller_state.feasible and not self._warned_infeasible:
+            self._warned_infeasible = True
+            warnings.warn(
+                f"sdopt: at step {t} no learning-rate scale in [{self.controller.min_scale}, "
+                f"{self.controller.max_scale}] meets target_sd={self.controller.target_sd} "
+                f"(n_neg = {est.n_neg:.0f} negative eigenvalues expand at every learning rate); "
+                "steering by the edge of stability instead (recorded as feasible=False)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _surrogate_value(self, lr: float) -> float:
+        from sdopt.dimension import smooth_sharpness_dimension
+
+        try:
+            return float(
+                smooth_sharpness_dimension(
+                    self._eigenvalues,
+                    lr,
+                    temperature=self.penalty_temperature,
+                    **self._bulk_kwargs(),
+                )
+            )
+        except ValueError:
+            return math.nan
+
+    def _bulk_kwargs(self) -> dict[str, Any]:
+        if self._bulk is None:
+            return {}
+        return {"bulk_nodes": self._bulk[0], "bulk_weights": self._bulk[1]}
 
     def _broadcast_scale(self, scale: float) -> float:
         if not _dist_initialized():
@@ -627,36 +759,26 @@ class SDOptimizer(torch.optim.Optimizer):
         dist.broadcast(value, src=0)
         return float(value.item())
 
-    def _operator(self, batch: Any) -> tuple[Any, Any, Tensor | None]:
-        """The Hessian operator on ``batch``, the operator whose spectrum the exponent map reads
-        (``P^{-1/2} H P^{-1/2}`` for ``exponent_map="adam"``) and ``P`` (or ``None``)."""
-        from sdopt.curvature import HessianOperator
-
-        op = HessianOperator(self.model, self.loss_fn, batch, dropout=self.dropout)
+    def _preconditioner(self) -> Tensor | None:
+        """Adam's frozen preconditioner ``P`` in the curvature engine's parameter order
+        (``inf`` for parameters Adam has never moved), or ``None`` for the other maps."""
         if self.exponent_map != "adam":
-            return op, op, None
+            return None
         from sdopt.curvature.functional import _unwrap
         from sdopt.dimension import adam_preconditioner
-        from sdopt.spectrum import preconditioned
 
-        # ``op.params`` are detached views (new tensor objects): look the optimizer's own
-        # parameters up by name, in the operator's order.
-        by_name = dict(_unwrap(self.model).named_parameters())  # DDP / compile: the op's names
-        precond = adam_preconditioner(
-            self.base_optimizer, [by_name[n] for n in op.names], missing="frozen"
-        )
-        precond = precond.to(dtype=op.dtype, device=op.device)
-        if bool(torch.isfinite(precond).all()):
-            return op, preconditioned(op, precond), precond
-        # parameters Adam has never moved (no gradient yet): P^{-1/2} = 0 there, the map is
-        # the identity in those coordinates
-        from sdopt.spectrum import LinearOperator
+        # the optimizer's own parameters, found through DDP / compile wrappers, in the order
+        # of HessianOperator's flat vectors (named_parameters, trainable, tied once)
+        params = [p for _, p in _unwrap(self.model).named_parameters() if p.requires_grad]
+        return adam_preconditioner(self.base_optimizer, params, missing="frozen")
 
-        d = precond.rsqrt()[:, None]
-        target = LinearOperator(
-            op.dim, lambda V: d * op.matmat(d * V), dtype=op.dtype, device=op.device, source=op
-        )
-        return op, target, precond
+    def _adam_directions(self, est: Any) -> Tensor | None:
+        """``P^{-1/2} v_i`` for the adam map (the penalty differentiates along them)."""
+        if self.exponent_map != "adam" or est.eigenvectors is None:
+            return None
+        vectors = _exact_vectors(est)
+        precond = self._preconditioner().to(vectors)
+        return precond.rsqrt()[:, None] * vectors
 
     def _edge(self) -> float:
         """``η·λ_max`` at the edge of stability of the exponent map (2 for ``"gd"``)."""
@@ -668,117 +790,33 @@ class SDOptimizer(torch.optim.Optimizer):
         beta = self._momentum() if self.exponent_map != "gd" else 0.0
         return {"exponent_map": self.exponent_map, "momentum": beta}
 
-    def _compute_estimate(self, batch: Any) -> dict[str, Any]:
-        """One estimate on ``batch``: plain numbers, the eigenpairs and an SD predictor.
+    def _compute_estimate(self, batch: Any, lr: float) -> Any:
+        """One estimate on ``batch`` at learning rate ``lr``: exactly
+        :func:`sdopt.estimate_sharpness_dimension` (``method=estimator``, ``k``, ``tol`` and
+        ``estimate_kwargs``), warm-started from the cached top and bottom eigenvectors, on this
+        optimizer's generator, with the exponent map's momentum and Adam's preconditioner read
+        from the base optimizer."""
+        from sdopt.dimension import estimate_sharpness_dimension
 
-        ``estimator="topk"``: the top-``k`` eigenpairs by thick-restart Lanczos warm-started
-        from the cached eigenvectors (:func:`sdopt.spectrum.top_eigenpairs`), and the bulk —
-        the other ``d - k`` eigenvalues — summarised by its trace, estimated by Hutchinson on
-        the deflated operator ``(I - VVᵀ) H (I - VVᵀ)`` with ``trace_probes`` probes. The SD is
-        read from that spectrum (``k`` points and the bulk as ``d - k`` eigenvalues at its
-        mean) by :func:`sdopt.dimension.sd_from_spectrum`; its uncertainty is the jackknife
-        over the trace probes. ``estimator="exact"``: the dense Hessian's full spectrum (small
-        models only), the paper's exact method on one batch.
-        """
-        from sdopt.dimension import SpectrumSketch, sd_from_spectrum
-        from sdopt.spectrum import deflated, hutchinson_trace, top_eigenpairs
-
-        op, target, precond = self._operator(batch)
-        loss, _ = op.loss_and_gradient()
-        if not bool(torch.isfinite(loss)):
-            raise _NonFiniteLoss
-        lr = self.reference_lr()
-        sd_kwargs = self._sd_kwargs()
-        dim = op.dim
-        k = min(self.k, dim)
         options = dict(self.estimate_kwargs)
-        if self.estimator == "exact":
-            max_dim = int(options.pop("max_dim", 4096))
-            dense = op.to_dense(max_dim=max_dim)
-            if precond is not None:  # P^{-1/2} H P^{-1/2}
-                scale = precond.rsqrt().to(dense)
-                dense = scale[:, None] * dense * scale[None, :]
-            evals, evecs = torch.linalg.eigh(0.5 * (dense + dense.T))
-            full = evals.flip(0).double()
-            vectors = evecs.flip(1)[:, :k].contiguous()
-            value, _ = sd_from_spectrum(full, lr, uncertainty=False, **sd_kwargs)
-            trace, uncertainty = float(full.sum()), 0.0
-            top_values = full[:k].clone()
-            sketch: Any = full
-            converged = True
-            products = op.num_products
-        else:
-            probes = int(options.pop("trace_probes", DEFAULT_TRACE_PROBES))
-            top = top_eigenpairs(
-                target,
-                k,
-                tol=self.tol,
-                init=self._eigenvectors,
-                generator=self.generator,
-                **options,
-            )
-            top_values = top.eigenvalues.detach().double()
-            vectors = top.eigenvectors.detach()
-            bulk_dim = dim - k
-            nodes = top_values
-            weights = torch.ones_like(top_values)
-            uncertainty = 0.0
-            trace = float(top_values.sum())
-            products = top.num_products
-            if bulk_dim > 0:
-                est = hutchinson_trace(deflated(target, vectors), probes, generator=self.generator)
-                products += est.num_products
-                samples = est.samples.double()
-                trace += float(est.value)
-                group_nodes = torch.cat(
-                    [top_values.expand(len(samples), k), (samples / bulk_dim)[:, None]], dim=1
-                )
-                group_weights = torch.cat(
-                    [
-                        torch.ones(len(samples), k, dtype=torch.float64),
-                        torch.full((len(samples), 1), float(bulk_dim), dtype=torch.float64),
-                    ],
-                    dim=1,
-                )
-                if len(samples) > 1:
-                    _, uncertainty = sd_from_spectrum(
-                        SpectrumSketch(group_nodes, group_weights, dim), lr, **sd_kwargs
-                    )
-                nodes = torch.cat([top_values, torch.tensor([est.value / bulk_dim]).double()])
-                weights = torch.cat([weights, torch.tensor([float(bulk_dim)]).double()])
-            sketch = SpectrumSketch(nodes[None, :], weights[None, :], dim)
-            value, _ = sd_from_spectrum(sketch, lr, uncertainty=False, **sd_kwargs)
-            converged = bool(top.converged)
-            if self.mode == "lr":
-                # Ritz values underestimate the top eigenvalues; the controller predicts with
-                # the residual bound θ_i + ‖A x_i − θ_i x_i‖ (each interval holds an eigenvalue),
-                # so that a loose tolerance cannot push the step past the edge.
-                safe = nodes.clone()
-                safe[:k] = top_values + top.residuals.double().to(top_values)
-                sketch = SpectrumSketch(safe[None, :], weights[None, :], dim)
-
-        directions = None if precond is None else (precond.rsqrt()[:, None] * vectors)
-
-        def predict(eta: float, _sketch: Any = sketch) -> float:
-            return sd_from_spectrum(_sketch, eta, uncertainty=False, **sd_kwargs)[0]
-
-        return {
-            "loss": float(loss),
-            "eigenvalues": [float(x) for x in top_values],
-            "eigenvalues_tensor": top_values.clone(),
-            "eigenvectors": vectors.clone(),
-            "directions": directions,
-            "sharpness_dimension": float(value),
-            "uncertainty": float(uncertainty),
-            "trace": trace,
-            "num_products": int(products),
-            "predict": predict,
-            "protocol": "full-batch" if self.data.kind == "fixed" else "minibatch",
-            "converged": converged,
-            "bulk_dim": float(dim - k),
-            "bulk_trace": trace - float(top_values.sum()),
-            "lr": lr,
-        }
+        operator_options = {"dropout": self.dropout, **options.pop("operator_options", {})}
+        return estimate_sharpness_dimension(
+            self.model,
+            self.loss_fn,
+            batch,
+            lr,
+            method=self.estimator,
+            protocol="full-batch",
+            k=self._k_arg,
+            tol=self.tol,
+            init=self._eigenvectors,
+            init_bottom=self._bottom_vectors,
+            generator=self.generator,
+            preconditioner=self._preconditioner(),
+            operator_options=operator_options,
+            **self._sd_kwargs(),
+            **options,
+        )
 
     def _apply_penalty(self, t: int) -> None:
         """Add ``w_t · ∇S_τ`` to ``.grad`` (recomputing ``∇S_τ`` when ``t % penalty_every == 0``).
@@ -798,7 +836,12 @@ class SDOptimizer(torch.optim.Optimizer):
         if self._penalty_grad is None or t % self.penalty_every == 0:
             from sdopt.dimension import penalty_gradient, surrogate_weights
 
-            directions = self._eigenvectors if self._directions is None else self._directions
+            directions = self._directions
+            if directions is None:
+                parts = [self._eigenvectors]
+                if self._bottom_vectors is not None:
+                    parts.append(self._bottom_vectors)
+                directions = torch.cat(parts, dim=1)
             lr = self.reference_lr() * self.lr_scale
             try:
                 with self._isolated():
@@ -807,8 +850,7 @@ class SDOptimizer(torch.optim.Optimizer):
                             self._eigenvalues,
                             lr,
                             temperature=self.penalty_temperature,
-                            bulk_dim=self._bulk[0],
-                            bulk_trace=self._bulk[1],
+                            **self._bulk_kwargs(),
                         )
                     except RuntimeError:  # surrogate saturated at d: no graph, zero gradient
                         weights = torch.zeros_like(self._eigenvalues, dtype=torch.float64)
@@ -886,10 +928,13 @@ class SDOptimizer(torch.optim.Optimizer):
                 "generator": self.generator.get_state(),
                 "eigenvalues": None if self._eigenvalues is None else self._eigenvalues.clone(),
                 "eigenvectors": None if self._eigenvectors is None else self._eigenvectors.clone(),
+                "bottom_vectors": (
+                    None if self._bottom_vectors is None else self._bottom_vectors.clone()
+                ),
                 "penalty_grad": None if self._penalty_grad is None else self._penalty_grad.clone(),
                 "directions": None if self._directions is None else self._directions.clone(),
                 "penalty_batch": self._penalty_batch if self.data.kind != "fixed" else None,
-                "bulk": list(self._bulk),
+                "bulk": None if self._bulk is None else [t.clone() for t in self._bulk],
                 "data_drawn": self.data.drawn,
                 "history": [asdict(r) for r in self.history],
             },
@@ -912,7 +957,7 @@ class SDOptimizer(torch.optim.Optimizer):
                 "to load a plain optimizer checkpoint use opt.base_optimizer.load_state_dict)"
             )
         s = state_dict["sdopt"]
-        if s.get("version") != _STATE_VERSION:
+        if s.get("version") not in (1, _STATE_VERSION):
             raise ValueError(
                 f"Invalid state_dict: version {s.get('version')!r} (expected {_STATE_VERSION})"
             )
@@ -925,9 +970,14 @@ class SDOptimizer(torch.optim.Optimizer):
         self.generator.set_state(s["generator"])
         self._eigenvalues = None if s["eigenvalues"] is None else s["eigenvalues"].to(device)
         self._eigenvectors = None if s["eigenvectors"] is None else s["eigenvectors"].to(device)
+        bottom = s.get("bottom_vectors")
+        self._bottom_vectors = None if bottom is None else bottom.to(device)
         self._penalty_grad = None if s["penalty_grad"] is None else s["penalty_grad"].to(device)
         self._directions = None if s["directions"] is None else s["directions"].to(device)
-        self._bulk = (float(s["bulk"][0]), float(s["bulk"][1]))
+        bulk = s.get("bulk")
+        # version 1 stored (bulk_dim, bulk_trace) numbers: its bulk model is not restored
+        valid = isinstance(bulk, (list, tuple)) and all(isinstance(t, Tensor) for t in bulk)
+        self._bulk = (bulk[0], bulk[1]) if valid and len(bulk) == 2 else None
         self._penalty_batch = s["penalty_batch"]
         if (
             self._penalty_batch is None

@@ -67,7 +67,9 @@ def test_admissible_scale_relaxes_infeasible_target() -> None:
 
 
 def test_update_decreases_immediately_and_increases_smoothly() -> None:
-    config = LRControllerConfig(smoothing=0.5, hysteresis=0.0, max_scale=4.0, max_growth=10.0)
+    config = LRControllerConfig(
+        target_sd=0.0, smoothing=0.5, hysteresis=0.0, max_scale=4.0, max_growth=10.0
+    )
     lam = {"value": 20.0}
     predict = lambda s: _exact_sd(torch.tensor([lam["value"], 0.1]), s * 0.1)  # noqa: E731
     scale, state = update_lr_scale(predict, LRControllerState(), config)
@@ -85,7 +87,7 @@ def test_update_decreases_immediately_and_increases_smoothly() -> None:
 
 
 def test_hysteresis_ignores_small_increases() -> None:
-    config = LRControllerConfig(smoothing=0.0, hysteresis=0.1, max_scale=1.0)
+    config = LRControllerConfig(target_sd=0.0, smoothing=0.0, hysteresis=0.1, max_scale=1.0)
     state = LRControllerState(scale=0.5, updates=3)
     eig = torch.tensor([2.0 / 0.52])  # admissible ~0.52: +4 % < 10 % band
     scale, state = update_lr_scale(_predictor(eig, 1.0), state, config)
@@ -102,11 +104,37 @@ def test_max_growth_caps_an_increase() -> None:
 
 
 def test_clamps() -> None:
-    config = LRControllerConfig(min_scale=0.1, max_scale=0.5, smoothing=0.0, hysteresis=0.0)
+    config = LRControllerConfig(
+        target_sd=0.0, min_scale=0.1, max_scale=0.5, smoothing=0.0, hysteresis=0.0
+    )
     scale, state = update_lr_scale(lambda s: 0.0, LRControllerState(), config)
     assert scale == 0.5
-    scale, state = update_lr_scale(lambda s: 5.0 + s, state, config)  # nothing admissible
-    assert scale == 0.1 and not state.feasible
+    scale, state = update_lr_scale(lambda s: 5.0 + s, state, config, edge_scale=0.3)
+    assert scale == pytest.approx(0.3) and not state.feasible  # nothing admissible: the edge
+
+
+def test_default_rides_the_edge_from_below_and_above() -> None:
+    config = LRControllerConfig(smoothing=0.0, hysteresis=0.0, max_growth=2.0)
+    assert config.target_sd is None and config.max_scale > 1  # may raise as well as lower
+    state = LRControllerState()
+    scales = []
+    for _ in range(8):  # edge at s = 6: climbs by at most max_growth per update
+        scale, state = update_lr_scale(None, state, config, edge_scale=6.0)
+        scales.append(scale)
+    assert scales[:3] == pytest.approx([2.0, 4.0, 6.0]) and scales[-1] == pytest.approx(6.0)
+    scale, state = update_lr_scale(None, state, config, edge_scale=0.05)  # far beyond: at once
+    assert scale == pytest.approx(0.05) and state.feasible and math.isnan(state.predicted_sd)
+
+
+def test_sd_target_that_no_scale_meets_keeps_the_edge_scale() -> None:
+    # a negative eigenvalue expands at every learning rate: SD > 0 at every scale
+    eig = torch.tensor([10.0, 1.0, 0.5, -0.2, 0.01, 0.0])
+    predict = _predictor(eig, 0.1)
+    assert predict(1e-3) > 0
+    config = LRControllerConfig(target_sd=0.0, smoothing=0.0, hysteresis=0.0)
+    edge = 2.0 / (0.1 * 10.0)
+    scale, state = update_lr_scale(predict, LRControllerState(), config, edge_scale=edge)
+    assert not state.feasible and scale == pytest.approx(edge)  # no collapse to min_scale
 
 
 def test_state_round_trips() -> None:

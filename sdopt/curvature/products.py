@@ -52,7 +52,7 @@ def _differentiate(
             m = cotangents[0].shape[0]
             return [torch.zeros(m, *p.shape, dtype=p.dtype, device=p.device) for p in inputs]
         return [torch.zeros_like(p) for p in inputs]
-    return list(
+    grads = list(
         torch.autograd.grad(
             [outputs[i] for i in keep],
             inputs,
@@ -63,6 +63,13 @@ def _differentiate(
             is_grads_batched=batched,
         )
     )
+    if batched:  # an unused input's materialised zeros come back without the batch dimension
+        m = cotangents[keep[0]].shape[0]
+        grads = [
+            g.expand(m, *p.shape).contiguous() if g.dim() == p.dim() else g
+            for g, p in zip(grads, inputs)
+        ]
+    return grads
 
 
 class ProductEngine:

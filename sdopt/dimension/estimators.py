@@ -364,7 +364,7 @@ def _decomposition(
 def _measure_deflated(
     ops: list[Any], k: int, k_bottom: int, num_probes: int, num_steps: int, tol: float,
     init: torch.Tensor | None, init_bottom: torch.Tensor | None, gen: torch.Generator,
-    solver_options: dict[str, Any],
+    solver_options: dict[str, Any], allow_dense: bool = True,
 ) -> tuple[list[_Group], Any, Any, Any, int]:  # fmt: skip
     """Both ends and the deflated bulk of every operator (warm starts chained across them)."""
     from sdopt.spectrum import stochastic_lanczos_quadrature, top_eigenpairs
@@ -375,6 +375,14 @@ def _measure_deflated(
     products = 0
     for op in ops:
         dim = int(op.dim)
+        if allow_dense and dim <= k + k_bottom + num_probes * num_steps:
+            # a tiny model: the whole spectrum costs fewer products than its ends and bulk
+            top, bottom = _dense_ends(op, k)
+            products += dim
+            empty = torch.zeros(0, 0, dtype=torch.float64)
+            exact = torch.cat([top.eigenvalues, bottom.eigenvalues]).to(torch.float64).cpu()
+            groups.append(_Group(exact, torch.zeros_like(exact), empty, empty, 0))
+            continue
         top = top_eigenpairs(
             op, k, which="LA", tol=tol, init=warm_top, generator=gen, **solver_options
         )
@@ -404,6 +412,30 @@ def _measure_deflated(
     return groups, density, top, bottom, products
 
 
+def _dense_ends(op: Any, k: int) -> tuple[Any, Any]:
+    """Every eigenpair of a small operator from ``d`` products, split as the top ``k``
+    (decreasing) and the rest (increasing), as two exact :class:`EigenResult` objects."""
+    from sdopt.spectrum import EigenResult
+
+    dim = int(op.dim)
+    eye = torch.eye(dim, dtype=op.dtype, device=op.device)
+    # one column at a time: the products Lanczos would make (blocks are not cheaper everywhere)
+    dense = torch.cat([op.matmat(eye[:, i : i + 1]) for i in range(dim)], dim=1)
+    values, vectors = torch.linalg.eigh(0.5 * (dense + dense.T).to(torch.float64))
+    vectors = vectors.to(op.dtype)
+    k = min(k, dim)
+
+    def result(vals: torch.Tensor, vecs: torch.Tensor, which: str, n: int) -> Any:
+        return EigenResult(
+            eigenvalues=vals, eigenvectors=vecs.contiguous(), residuals=torch.zeros_like(vals),
+            iterations=0, converged=True, num_products=n, which=which,
+        )  # fmt: skip
+
+    top = result(values.flip(0)[:k], vectors.flip(1)[:, :k], "LA", dim)
+    bottom = result(values[: dim - k], vectors[:, : dim - k], "SA", 0)
+    return top, bottom
+
+
 def estimate_sharpness_dimension(
     model: torch.nn.Module,
     loss_fn: Callable[..., Any],
@@ -430,6 +462,7 @@ def estimate_sharpness_dimension(
     eps: float = 0.0,
     operator_options: dict[str, Any] | None = None,
     solver_options: dict[str, Any] | None = None,
+    allow_dense: bool = True,
 ) -> SharpnessDimensionEstimate:
     """Estimate the sharpness dimension of ``model`` at its current parameters.
 
@@ -469,6 +502,9 @@ def estimate_sharpness_dimension(
             ``dropout``).
         solver_options: keyword arguments for :func:`sdopt.top_eigenpairs` (``max_iters``,
             ``max_basis``, ``init_noise``, ``criterion``).
+        allow_dense: ``deflated``/``topk``: when ``d`` is at most the products the method would
+            spend (``k + k_bottom + num_probes·num_steps``), form the whole spectrum from ``d``
+            products instead (exact, and cheaper); ``False`` always takes the stochastic route.
 
     Returns:
         :class:`SharpnessDimensionEstimate`.
@@ -484,6 +520,7 @@ def estimate_sharpness_dimension(
     check_choice("exponent_map", exponent_map, EXPONENT_MAPS)
     momentum = check_in_range("momentum", momentum, 0.0, 1.0, high_open=True)
     eps = check_positive("eps", eps, allow_zero=True)
+    k_default, k_bottom_default = k is None, k_bottom is None
     k = check_int("k", DEFAULTS["k"] if k is None else k, minimum=1)
     k_bottom = check_int(
         "k_bottom", DEFAULTS["k_bottom"] if k_bottom is None else k_bottom, minimum=0
@@ -536,8 +573,13 @@ def estimate_sharpness_dimension(
         dense = _dense_hessians(
             model, loss_fn, data, protocol, preconditioner, dict(operator_options or {}), max_dim
         )
-        eigenvalues = torch.stack([torch.linalg.eigvalsh(h) for h in dense])
+        last, vectors = torch.linalg.eigh(dense[-1])  # the last one's ends, for warm starts
+        eigenvalues = torch.stack([torch.linalg.eigvalsh(h) for h in dense[:-1]] + [last])
         sketch = SpectrumSketch(eigenvalues, torch.ones_like(eigenvalues), dim)
+        dtype = ops[0].dtype
+        out.update(eigenvectors=vectors[:, -min(k, dim) :].flip(1).to(dtype))
+        if k_bottom > 0:
+            out.update(bottom_eigenvectors=vectors[:, : min(k_bottom, dim)].to(dtype))
         out.update(eigenvalues=eigenvalues, num_products=dim * len(ops))
         out.update(lambda_max=float(eigenvalues[:, -1].mean()))
         out.update(lambda_min=float(eigenvalues[:, 0].mean()))
@@ -563,30 +605,32 @@ def estimate_sharpness_dimension(
         settings.update({"slq": {"bins": bins}, "kde": {"bandwidth": bandwidth},
                          "ps": {"num_quantiles": num_quantiles}}[method])  # fmt: skip
     else:
+        if k_default:  # defaults on a tiny model: as many exact eigenpairs as there are
+            k = min(k, dim)
+        if k_bottom_default:
+            k_bottom = min(k_bottom, dim - k)
         if k + k_bottom > dim:
             raise ValueError(
                 f"Invalid k: {k} (k + k_bottom = {k + k_bottom} must be <= d = {dim})"
             )
         groups, density, top, bottom, products = _measure_deflated(
             ops, k, k_bottom, num_probes, num_steps, tol, init, init_bottom, gen,
-            dict(solver_options or {}),
+            dict(solver_options or {}), allow_dense,
         )  # fmt: skip
         sketch = SpectrumSketch(*_group_rows(groups), dim)
         exact = torch.stack([g.exact for g in groups])
         out.update(eigenvalues=exact, num_products=max(products, _products(ops)))
         out.update(density=density, eigenvectors=top.eigenvectors.detach())
         out.update(residuals=torch.stack([g.errors for g in groups]))
+        live = sketch.weights > 0
         out.update(lambda_max=float(exact[:, 0].mean()))
-        if bottom is not None:
+        out.update(lambda_min=float(torch.where(live, sketch.nodes, math.inf).min(1).values.mean()))
+        if bottom is not None and bottom.k > 0:
             out.update(bottom_eigenvectors=bottom.eigenvectors.detach())
-            out.update(lambda_min=float(exact[:, k].mean()))
-        else:
-            live = sketch.weights > 0
-            bottom_nodes = torch.where(live, sketch.nodes, math.inf).min(1).values
-            out.update(lambda_min=float(bottom_nodes.mean()))
         converged = bool(top.converged and (bottom is None or bottom.converged))
         settings.update(k=k, k_bottom=k_bottom, num_probes=num_probes, num_steps=num_steps,
-                        tol=tol, converged=converged)  # fmt: skip
+                        tol=tol, converged=converged,
+                        dense=all(g.bulk_dim == 0 and not g.errors.any() for g in groups))  # fmt: skip
 
     reading = _readout(sketch, groups, lr, eps, exponent_map, momentum)
     return SharpnessDimensionEstimate(

@@ -88,14 +88,14 @@ def test_deflated_with_a_bulk_is_close(problem) -> None:
     batches = batches[:2]
     exact = sharpness_dimension(spectra[:2], lr)
     est = estimate_sharpness_dimension(
-        model, LOSS, batches, lr, "deflated", k=8, k_bottom=2, num_probes=30, num_steps=30,
+        model, LOSS, batches, lr, "deflated", k=8, k_bottom=2, num_probes=30, num_steps=30, allow_dense=False,
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     assert est.value == pytest.approx(exact, rel=0.03)
     assert est.eigenvalues.shape == (2, 10)
     # a warm start from the cached vectors needs fewer products for the same answer
     again = estimate_sharpness_dimension(
-        model, LOSS, batches, lr, "deflated", k=8, k_bottom=2, num_probes=30, num_steps=30,
+        model, LOSS, batches, lr, "deflated", k=8, k_bottom=2, num_probes=30, num_steps=30, allow_dense=False,
         init=est.eigenvectors, generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     assert again.value == pytest.approx(exact, rel=0.03)
