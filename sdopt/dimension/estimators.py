@@ -67,7 +67,7 @@ PROTOCOLS = ("minibatch", "full-batch")
 #: Defaults of the ``"deflated"`` estimator, shared with :class:`sdopt.SDOptimizer` so that the
 #: wrapper's record at defaults is this estimator at defaults (chosen on the accuracy battery,
 #: see docs/sharpness-dimension.md#accuracy-battery).
-DEFAULTS: dict[str, Any] = {"k": 8, "k_bottom": 4, "num_probes": 6, "num_steps": 24, "tol": 1e-2}
+DEFAULTS: dict[str, Any] = {"k": 8, "k_bottom": 4, "num_probes": 8, "num_steps": 20, "tol": 1e-2}
 _PAPER_DEFAULTS = {"num_probes": 50, "num_steps": 80}
 
 
@@ -479,9 +479,9 @@ def estimate_sharpness_dimension(
         k_bottom: bottom eigenpairs per batch (``deflated``/``topk``; default 4; ``0`` for
             none, which leaves the sign of the bottom to the quadrature).
         num_probes: SLQ probes: total for ``slq``/``kde``/``ps`` (default 50; the paper used
-            500), per batch for ``deflated``/``topk`` (default 6, at least 2: the uncertainty
+            500), per batch for ``deflated``/``topk`` (default 8, at least 2: the uncertainty
             is a jackknife over them).
-        num_steps: Lanczos steps per probe (default 80 for ``slq``/``kde``/``ps``; 24 for
+        num_steps: Lanczos steps per probe (default 80 for ``slq``/``kde``/``ps``; 20 for
             ``deflated``; ``topk`` always uses 1, a Hutchinson sample of the bulk's mean).
         bins: histogram bins (``slq``).
         bandwidth: KDE bandwidth (``kde``; default 1 % of the node spread).
