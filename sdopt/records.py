@@ -40,7 +40,9 @@ class EstimateRecord:
             next to a point value says the estimate straddles a jump.
         n_edge: Number of eigenvalues beyond the exponent map's edge of stability (``α >
             edge/η``): the directions a smaller learning rate would stabilise.
-        n_neg: Number of negative eigenvalues: expanding at every learning rate.
+        n_neg: Number of negative eigenvalues (below −1 % of the spectral radius, see
+            :data:`sdopt.dimension.estimators.NEGATIVE_RESOLUTION`): expanding at every
+            learning rate.
         total_exponent: ``T = Σ_i z_i``, the sum of all exponents (``log|det|`` of the step
             Jacobian). ``T ≥ 0`` gives ``SD = d``.
         j_star: ``⌊SD⌋``, the number of whole directions in the leading block of exponents

@@ -69,6 +69,11 @@ PROTOCOLS = ("minibatch", "full-batch")
 #: see docs/sharpness-dimension.md#accuracy-battery).
 DEFAULTS: dict[str, Any] = {"k": 8, "k_bottom": 4, "num_probes": 8, "num_steps": 20, "tol": 1e-2}
 _PAPER_DEFAULTS = {"num_probes": 50, "num_steps": 80}
+#: ``n_neg`` counts eigenvalues below ``−NEGATIVE_RESOLUTION · max|α|``. The count of all
+#: negative eigenvalues is ill-posed when a cluster sits at 0 (on the digits MLP of THEORY.md
+#: §8: 538 below 0, 373 below −1e-6·max|α|, 267 below −1e-2·max|α|), and such eigenvalues
+#: barely expand (``z ≈ η|α|``); the quadrature resolves the count at this resolution.
+NEGATIVE_RESOLUTION = 1e-2
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -109,7 +114,9 @@ class SharpnessDimensionEstimate:
             value`` only when nothing in the estimate is uncertain.
         n_edge: eigenvalues beyond the map's edge of stability, ``α > edge/η`` (mean over
             batches; fractional where the bulk quadrature contributes).
-        n_neg: negative eigenvalues (the same way).
+        n_neg: negative eigenvalues, counted below ``−NEGATIVE_RESOLUTION · max|α|`` (1 % of
+            the spectral radius: the count of all negative eigenvalues is ill-posed when a
+            cluster sits at 0), the same way.
         total_exponent: ``T = Σ_i z_i`` (mean over batches); ``T ≥ 0`` means ``SD = d``.
         j_star: ``⌊SD⌋``, the number of whole exponents in the leading block whose sum is
             ``≥ 0`` (``j*`` of Kaplan–Yorke).
@@ -354,7 +361,9 @@ def _decomposition(
     edge = edge_of_stability(map, momentum) / lr
     live = weights > 0
     n_edge = float((weights * ((nodes > edge) & live)).sum(1).mean())
-    n_neg = float((weights * ((nodes < 0) & live)).sum(1).mean())
+    radius = torch.where(live, nodes.abs(), torch.zeros_like(nodes)).amax(1, keepdim=True)
+    negative = nodes < -NEGATIVE_RESOLUTION * radius
+    n_neg = float((weights * (negative & live)).sum(1).mean())
     contrib = torch.where(zw > 0, zw * z, torch.zeros_like(z))
     total = float(contrib.sum(1).mean())
     trace = float((nodes * weights).sum(1).mean())
