@@ -321,7 +321,7 @@ def compute_measures(
             ``rho`` (0.05), ``p`` (2 or ``"inf"``), ``ascent_steps`` (20), ``num_samples`` (20),
             ``trajectory`` (``(T, d)`` points for ``ph_dimension``/``mst_energy``),
             ``ph_alpha`` (1.0), ``min_points`` (200), ``max_points`` (1000),
-            ``dataset_size`` / ``batch_size`` (noise scales), ``sd_method`` (``"topk"``),
+            ``dataset_size`` / ``batch_size`` (noise scales), ``sd_method`` (``"deflated"``),
             ``sd_options`` (dict passed to the estimator), ``eps`` (0.0, inside the logarithm).
 
     Returns:
@@ -444,7 +444,7 @@ def compute_measures(
             loss_fn,
             data,
             lr,
-            method=options.get("sd_method", "topk"),
+            method=options.get("sd_method", "deflated"),
             generator=generator,
             eps=eps,
             **dict(options.get("sd_options", {})),

@@ -67,7 +67,7 @@ class EstimateRecord:
         overhead_fraction: Over the interval from the previous estimate's start to this one's,
             the time spent inside sdopt (the previous estimate, penalty gradients) divided by
             the wall time of the interval (``nan`` for the first estimate).
-        method: Estimator name (e.g. ``"topk"``).
+        method: Estimator name (``"deflated"`` by default, see :class:`sdopt.SDOptimizer`).
         protocol: ``"full-batch"`` or ``"minibatch"``.
         converged: Whether the eigen-solver met its tolerance.
     """

@@ -78,7 +78,7 @@ class CorrelationConfig:
         sd_batches: minibatch Hessians (of the training batch size) averaged by the exact SD.
         estimators: cheap SD estimators to run besides ``"exact"``.
         slq_probes, slq_steps: stochastic Lanczos quadrature settings of the SLQ/KDE/PS estimators.
-        topk: eigenpairs for the ``"topk"`` estimator.
+        topk: top eigenpairs for the ``"deflated"`` estimator.
         adaptive_rho: radius of the adaptive sharpness.
         measure_seed: seeds every stochastic estimator (its own generator).
     """
@@ -93,7 +93,7 @@ class CorrelationConfig:
     tail_steps: int = 1_000
     ph_points: int = 1_000
     sd_batches: int = 16
-    estimators: tuple[str, ...] = ("slq", "kde", "ps", "topk")
+    estimators: tuple[str, ...] = ("slq", "kde", "ps", "deflated")
     slq_probes: int = 16
     slq_steps: int = 80
     topk: int = 20
@@ -387,7 +387,7 @@ def _cheap_sd(
     options: dict[str, Any] = {"generator": torch.Generator().manual_seed(config.measure_seed)}
     if method in ("slq", "kde", "ps"):
         options.update(num_probes=config.slq_probes, num_steps=config.slq_steps)
-    elif method == "topk":
+    elif method == "deflated":
         options.update(k=config.topk)
     start = time.perf_counter()
     estimate = sdopt.estimate_sharpness_dimension(
@@ -528,7 +528,7 @@ MEASURE_LABELS = (
     ("sd_slq", "SD-SLQ"),
     ("sd_kde", "SD-KDE"),
     ("sd_ps", "SD-PS"),
-    ("sd_topk", "SD top-k + bulk"),
+    ("sd_deflated", "SD top-k + bulk"),
     ("lambda_max", "λ_max"),
     ("trace", "trace"),
     ("rds_sharpness", "RDS sharpness λ_1"),
@@ -573,7 +573,7 @@ def correlation_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 RUN_COLUMNS = (
     "lr", "batch_size", "steps", "reached_target", "train_accuracy", "test_accuracy",
     "gap_accuracy", "train_loss", "test_loss", "gap_loss", "sd_exact", "sd_exact_batch_std",
-    "sd_exact_fullbatch", "sd_slq", "sd_kde", "sd_ps", "sd_topk", "lambda_max", "trace",
+    "sd_exact_fullbatch", "sd_slq", "sd_kde", "sd_ps", "sd_deflated", "lambda_max", "trace",
     "rds_sharpness", "adaptive_sharpness_avg", "adaptive_sharpness_max", "ph_dimension",
     "weight_norm", "train_seconds", "sd_exact_seconds",
 )  # fmt: skip

@@ -65,7 +65,7 @@ class GrokkingDynamicsConfig:
             makes the network memorise first and generalise later, i.e. grok).
         lr, momentum, weight_decay, epochs: full-batch SGD.
         checkpoints: number of evenly spaced measurement epochs (including 0 and ``epochs``).
-        sd_methods: cheap estimators measured at every checkpoint (``"topk"`` always runs: it
+        sd_methods: cheap estimators measured at every checkpoint (``"deflated"`` always runs: it
             also gives λ_max, the trace of its spectrum and the RDS sharpness).
         num_probes, num_steps, topk, topk_tol: their settings (SLQ probes and steps; top
             eigenpairs and their Lanczos tolerance).
@@ -85,7 +85,7 @@ class GrokkingDynamicsConfig:
     weight_decay: float = 5e-4
     epochs: int = 2_500
     checkpoints: int = 100
-    sd_methods: tuple[str, ...] = ("topk",)
+    sd_methods: tuple[str, ...] = ("deflated",)
     num_probes: int = 2
     num_steps: int = 20
     topk: int = 3
@@ -173,12 +173,12 @@ def _measure(
 
     model64 = copy.deepcopy(model).to(torch.float64)
     out: dict[str, float] = {}
-    for method in ("topk", *(m for m in config.sd_methods if m != "topk")):
+    for method in ("deflated", *(m for m in config.sd_methods if m != "deflated")):
         options: dict[str, Any] = {
             "protocol": "full-batch",
             "generator": torch.Generator().manual_seed(config.measure_seed),
         }
-        if method == "topk":
+        if method == "deflated":
             options.update(
                 k=config.topk,
                 tol=config.topk_tol,
@@ -197,7 +197,7 @@ def _measure(
         out[f"sd_{method}_uncertainty"] = float(est.uncertainty)
         out[f"sd_{method}_seconds"] = time.perf_counter() - start
         out[f"sd_{method}_products"] = float(est.num_products)
-        if method == "topk":
+        if method == "deflated":
             warm["eigenvectors"] = est.eigenvectors
             out["lambda_max"] = float(est.eigenvalues[0, 0])
             out["trace"] = float(est.trace)
@@ -396,7 +396,7 @@ def plot_dynamics(
         ("accuracy", [("train_accuracy", "train"), ("test_accuracy", "test")]),
         (
             "sharpness dimension",
-            [(k, k[3:]) for k in ("sd_exact", "sd_topk", "sd_slq", "sd_kde", "sd_ps")],
+            [(k, k[3:]) for k in ("sd_exact", "sd_deflated", "sd_slq", "sd_kde", "sd_ps")],
         ),
         ("λ_max", [("lambda_max", "λ_max")]),
         ("trace", [("trace", "trace")]),
@@ -433,7 +433,7 @@ def plot_dynamics(
 
 RECORD_COLUMNS = (
     "checkpoint", "epoch", "train_accuracy", "test_accuracy", "train_loss", "test_loss",
-    "sd_exact", "sd_topk", "sd_topk_uncertainty", "sd_slq", "sd_slq_uncertainty", "sd_kde", "sd_ps",
+    "sd_exact", "sd_deflated", "sd_deflated_uncertainty", "sd_slq", "sd_slq_uncertainty", "sd_kde", "sd_ps",
     "lambda_max", "trace", "weight_norm",
 )  # fmt: skip
 
@@ -533,7 +533,7 @@ def run_grokking_study(
         k
         for k in (
             "sd_exact",
-            "sd_topk",
+            "sd_deflated",
             "sd_slq",
             "sd_kde",
             "sd_ps",

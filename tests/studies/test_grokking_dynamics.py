@@ -84,7 +84,7 @@ def test_tiny_study_writes_outputs(tiny_study):
     assert [r["epoch"] for r in result.records] == [0, 10, 20]
     first = result.records[0]
     assert first["dim"] == 14 * 4 + 4 * 4 + 4 * 7
-    for key in ("sd_topk", "sd_exact", "lambda_max", "trace", "weight_norm"):
+    for key in ("sd_deflated", "sd_exact", "lambda_max", "trace", "weight_norm"):
         assert math.isfinite(first[key]), key
     assert 0 <= first["sd_exact"] <= first["dim"]
     png = (out / "grokking_dynamics.png").read_bytes()
