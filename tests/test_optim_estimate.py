@@ -108,7 +108,7 @@ def test_warm_started_records_agree_with_the_estimator_within_uncertainties(stat
 
 
 def test_record_at_the_users_learning_rate_matches_the_estimator(state) -> None:
-    model, loss_fn, batch, exact = state
+    model, loss_fn, batch, _ = state
     model = copy.deepcopy(model)
     opt = _wrapped(model, loss_fn, batch, seed=3)
     estimates = []
