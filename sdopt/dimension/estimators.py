@@ -11,8 +11,9 @@ arXiv:2604.19740, §4 and THEORY.md §4, §7, §8):
   exponents (``α > edge/η`` and ``α < 0``) and the extremes that decide whether SD is 0 are then
   exact, and the bulk enters through its quadrature measure, which fixes the total
   ``T = Σ z`` and the near-zero exponents of both signs that decide ``d − SD`` (THEORY.md §7–§8).
-  Its uncertainty is a jackknife over the probes (leave one probe out of every operator) and,
-  with several minibatches, over the minibatches; ``low``/``high`` widen ``value ± 2σ`` to
+  Its uncertainty is a jackknife over the probes (leave one probe out of every operator; the
+  spread over minibatches is reported apart as ``batch_uncertainty``); ``low``/``high`` widen
+  ``value ± 2σ`` to
   every value the exact extremes allow within their residual bounds, so an estimate whose
   plausible range straddles a jump of SD (0 against most of ``d``) says so.
 * ``"exact"`` — dense Hessian of every minibatch, eigenvalues by ``eigvalsh``; the exponents of
@@ -67,7 +68,7 @@ PROTOCOLS = ("minibatch", "full-batch")
 #: Defaults of the ``"deflated"`` estimator, shared with :class:`sdopt.SDOptimizer` so that the
 #: wrapper's record at defaults is this estimator at defaults (chosen on the accuracy battery,
 #: see docs/sharpness-dimension.md#accuracy-battery).
-DEFAULTS: dict[str, Any] = {"k": 8, "k_bottom": 4, "num_probes": 8, "num_steps": 20, "tol": 1e-2}
+DEFAULTS: dict[str, Any] = {"k": 8, "k_bottom": 4, "num_probes": 8, "num_steps": 40, "tol": 1e-2}
 _PAPER_DEFAULTS = {"num_probes": 50, "num_steps": 80}
 #: ``n_neg`` counts eigenvalues below ``−NEGATIVE_RESOLUTION · max|α|``. The count of all
 #: negative eigenvalues is ill-posed when a cluster sits at 0 (on the digits MLP of THEORY.md
@@ -87,10 +88,9 @@ class SharpnessDimensionEstimate:
 
     Attributes:
         value: the estimate of SD.
-        uncertainty: its standard error: ``deflated``/``topk``: jackknife over the SLQ probes
-            and (several minibatches) over the minibatches, added in quadrature; ``slq``/``kde``
-            /``ps``: jackknife over probes; ``exact``: jackknife over minibatches (``0`` for a
-            single Hessian, whose spectrum is exact).
+        uncertainty: its standard error as an estimate of the SD of the Hessians of ``data``:
+            ``deflated``/``topk``: jackknife over the SLQ probes (leave one probe out of every
+            operator); ``slq``/``kde``/``ps``: jackknife over probes; ``exact``: ``0``.
         method: ``"deflated"``, ``"exact"``, ``"slq"``, ``"kde"``, ``"ps"`` or ``"topk"``.
         lr: the learning rate the exponents used.
         protocol: ``"minibatch"`` (one Hessian per batch, exponents averaged position by
@@ -125,6 +125,10 @@ class SharpnessDimensionEstimate:
         bottom_eigenvectors: the bottom-``k_bottom`` Ritz vectors of the last batch
             (``deflated``/``topk``), for warm starts.
         residuals: ``(batches, k + k_bottom)`` residual norms of the exact eigenvalues.
+        batch_uncertainty: minibatch protocol with several batches: the jackknife over the
+            minibatches, i.e. how much SD would move with another draw of batches (sampling
+            variability of the paper's expectation over ``B``, not an error of the estimate);
+            ``nan`` otherwise.
     """
 
     value: float
@@ -157,6 +161,7 @@ class SharpnessDimensionEstimate:
     loss: float = math.nan
     bottom_eigenvectors: torch.Tensor | None = None
     residuals: torch.Tensor | None = None
+    batch_uncertainty: float = math.nan
 
     def at_lr(self, lr: float) -> SharpnessDimensionEstimate:
         """The same estimate read at another learning rate (no new products): value,
@@ -490,7 +495,7 @@ def estimate_sharpness_dimension(
         num_probes: SLQ probes: total for ``slq``/``kde``/``ps`` (default 50; the paper used
             500), per batch for ``deflated``/``topk`` (default 8, at least 2: the uncertainty
             is a jackknife over them).
-        num_steps: Lanczos steps per probe (default 80 for ``slq``/``kde``/``ps``; 20 for
+        num_steps: Lanczos steps per probe (default 80 for ``slq``/``kde``/``ps``; 40 for
             ``deflated``; ``topk`` always uses 1, a Hutchinson sample of the bulk's mean).
         bins: histogram bins (``slq``).
         bandwidth: KDE bandwidth (``kde``; default 1 % of the node spread).
@@ -560,9 +565,7 @@ def estimate_sharpness_dimension(
     num_probes = check_int(
         "num_probes", default_probes if num_probes is None else num_probes, minimum=least
     )
-    num_steps = check_int(
-        "num_steps", default_steps if num_steps is None else num_steps, minimum=1
-    )
+    num_steps = check_int("num_steps", default_steps if num_steps is None else num_steps, minimum=1)
     if method == "topk":
         num_steps = 1
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -619,9 +622,7 @@ def estimate_sharpness_dimension(
         if k_bottom_default:
             k_bottom = min(k_bottom, dim - k)
         if k + k_bottom > dim:
-            raise ValueError(
-                f"Invalid k: {k} (k + k_bottom = {k + k_bottom} must be <= d = {dim})"
-            )
+            raise ValueError(f"Invalid k: {k} (k + k_bottom = {k + k_bottom} must be <= d = {dim})")
         groups, density, top, bottom, products = _measure_deflated(
             ops, k, k_bottom, num_probes, num_steps, tol, init, init_bottom, gen,
             dict(solver_options or {}), allow_dense,
@@ -663,8 +664,8 @@ def _readout(
         value, uncertainty = sd_from_spectrum(
             sketch, lr, eps=eps, exponent_map=map, momentum=momentum
         )
-        if sketch.kind == "points" and sketch.pooling == "quantile" and sketch.num_groups == 1:
-            uncertainty = 0.0  # one exact spectrum: nothing is uncertain
+        if sketch.kind == "points" and sketch.pooling == "quantile":
+            uncertainty = 0.0  # exact spectra: nothing about these batches is uncertain
         low, high = value - 2 * uncertainty, value + 2 * uncertainty
     else:
         value = quantile_pooled_sd(z, zw)
@@ -679,16 +680,16 @@ def _readout(
                     quantile_pooled_sd(*exponents_and_weights(n_r, w_r, lr, eps, map, momentum))
                 )
             probe_se = _jackknife(loo)
-        batch_se = math.nan
-        if len(groups) > 1:
-            rest = [[j for j in range(len(groups)) if j != i] for i in range(len(groups))]
-            batch_se = _jackknife([quantile_pooled_sd(z[r], zw[r]) for r in rest])
-        uncertainty = _quadrature(probe_se, batch_se)
+        uncertainty = probe_se
         if not math.isfinite(uncertainty):
             uncertainty = 0.0  # every eigenvalue exact (k + k_bottom = d, one operator)
         z_low, z_high = _shifted_exponents(z, groups, lr, eps, map, momentum)
         low = min(value - 2 * uncertainty, quantile_pooled_sd(z_low, zw))
         high = max(value + 2 * uncertainty, quantile_pooled_sd(z_high, zw))
+    batch_se = math.nan  # how much SD moves with the choice of minibatches (not an error)
+    if sketch.pooling == "quantile" and sketch.num_groups > 1:
+        rest = [[j for j in range(sketch.num_groups) if j != i] for i in range(sketch.num_groups)]
+        batch_se = _jackknife([quantile_pooled_sd(z[r], zw[r]) for r in rest])
     parts = _decomposition(sketch.nodes, sketch.weights, z, zw, lr, map, momentum)
     lambda_1 = float(torch.where(zw > 0, z, -math.inf).max(dim=1).values.mean())
     return {
@@ -698,5 +699,6 @@ def _readout(
         "high": min(max(float(high), 0.0), float(dim)),
         "j_star": float(math.floor(value)),
         "lambda_1": lambda_1,
+        "batch_uncertainty": batch_se,
         **parts,
     }
