@@ -77,8 +77,10 @@ def _both_ends_and_bulk(
     op: Any, k: int, k_bottom: int, eigenvectors: torch.Tensor | None,
     generator: torch.Generator | None, num_probes: int, num_steps: int, tol: float,
 ) -> tuple[Any, torch.Tensor, torch.Tensor, int]:  # fmt: skip
-    """Top-``k`` and bottom-``k_bottom`` eigenpairs, and the deflated SLQ bulk measure."""
-    from sdopt.spectrum import EigenResult, stochastic_lanczos_quadrature, top_eigenpairs
+    """Top-``k`` and bottom-``k_bottom`` eigenpairs, and the deflated SLQ bulk measure: the
+    estimators' own measurement (:func:`sdopt.dimension.estimators._measure_deflated`)."""
+    from sdopt.dimension.estimators import _measure_deflated, _merge
+    from sdopt.spectrum.lanczos import default_generator
 
     warm_top = warm_bottom = None
     if eigenvectors is not None:
@@ -86,35 +88,20 @@ def _both_ends_and_bulk(
         warm_top = warm[:, :k]
         if k_bottom > 0 and warm.shape[1] > k:
             warm_bottom = warm[:, k : k + k_bottom]
-    top = top_eigenpairs(op, k, which="LA", tol=tol, init=warm_top, generator=generator)
-    known = top
-    if k_bottom > 0:
-        bottom = top_eigenpairs(
-            op, k_bottom, which="SA", tol=tol, init=warm_bottom, generator=generator
-        )
-        known = EigenResult(
-            eigenvalues=torch.cat([top.eigenvalues, bottom.eigenvalues]),
-            eigenvectors=torch.cat([top.eigenvectors, bottom.eigenvectors], dim=1),
-            residuals=torch.cat([top.residuals, bottom.residuals]),
-            iterations=top.iterations + bottom.iterations,
-            converged=top.converged and bottom.converged,
-            num_products=top.num_products + bottom.num_products,
-            which="LA",
-        )
-    products = int(known.num_products)
-    bulk_dim = op.dim - known.k
-    if bulk_dim > 0 and num_probes > 0:
-        density = stochastic_lanczos_quadrature(
-            op, num_probes, num_steps, generator=generator, deflate=known
-        )
-        products += int(density.num_products)
-        nodes = density.nodes.reshape(-1).to(torch.float64).cpu()
-        weights = density.weights.reshape(-1).to(torch.float64).cpu() * (bulk_dim / num_probes)
+    groups, _, top, bottom, products = _measure_deflated(
+        [op], k, k_bottom, max(num_probes, 1), num_steps, tol, warm_top, warm_bottom,
+        default_generator(generator), {}, allow_dense=False,
+    )  # fmt: skip
+    known = _merge(top, bottom)
+    g = groups[0]
+    if g.bulk_dim > 0 and num_probes > 0:
+        nodes = g.nodes.reshape(-1)
+        weights = g.weights.reshape(-1) * (g.bulk_dim / g.nodes.shape[0])
         keep = weights > 0
         nodes, weights = nodes[keep], weights[keep]
-    elif bulk_dim > 0:  # no probes: the bulk as eigenvalue 0 (neutral exponents)
+    elif g.bulk_dim > 0:  # no probes: the bulk as eigenvalue 0 (neutral exponents)
         nodes = torch.zeros(1, dtype=torch.float64)
-        weights = torch.full((1,), float(bulk_dim), dtype=torch.float64)
+        weights = torch.full((1,), float(g.bulk_dim), dtype=torch.float64)
     else:
         nodes = weights = torch.zeros(0, dtype=torch.float64)
     return known, nodes, weights, products
