@@ -80,9 +80,9 @@ def main() -> None:
         ("slq", {"num_probes": 16, "num_steps": 64}),
         ("kde", {"num_probes": 16, "num_steps": 64}),
         ("ps", {"num_probes": 16, "num_steps": 64}),
-        ("topk", {"k": 20, "k_bottom": 2, "num_probes": 1, "num_steps": 24}),
-        ("topk", {"k": 30, "k_bottom": 2, "num_probes": 1, "num_steps": 30}),
-        ("topk", {"k": 40, "k_bottom": 4, "num_probes": 2, "num_steps": 40}),
+        ("deflated", {"k": 20, "k_bottom": 2, "num_probes": 1, "num_steps": 24}),
+        ("deflated", {"k": 30, "k_bottom": 2, "num_probes": 1, "num_steps": 30}),
+        ("deflated", {"k": 40, "k_bottom": 4, "num_probes": 2, "num_steps": 40}),
     ]
     print(
         f"digits MLP 64-16-16-10 ReLU no bias, d = {d}, SGD lr {args.lr}, batch {bs}, "
