@@ -794,7 +794,7 @@ class SDOptimizer(torch.optim.Optimizer):
     def _compute_estimate(self, batch: Any, lr: float) -> Any:
         """One estimate on ``batch`` at learning rate ``lr``: exactly
         :func:`sdopt.estimate_sharpness_dimension` (``method=estimator``, ``k``, ``tol`` and
-        ``estimate_kwargs``), warm-started from the cached top and bottom eigenvectors, on this
+        ``estimate_kwargs``), its top end warm-started from the cached eigenvectors, on this
         optimizer's generator, with the exponent map's momentum and Adam's preconditioner read
         from the base optimizer."""
         from sdopt.dimension import estimate_sharpness_dimension
@@ -811,7 +811,10 @@ class SDOptimizer(torch.optim.Optimizer):
             k=self._k_arg,
             tol=self.tol,
             init=self._eigenvectors,
-            init_bottom=self._bottom_vectors,
+            # the bottom end starts cold: warm-started from the previous bottom vectors (a
+            # cluster near 0) Lanczos hit its 200-product cap unconverged on the grokking
+            # transformer, against 92 products cold (benchmarks/overhead.py, 2026-12-01)
+            init_bottom=None,
             generator=self.generator,
             preconditioner=self._preconditioner(),
             operator_options=operator_options,
