@@ -520,6 +520,9 @@ def _ok_kwargs():
         ({"dropout": "on"}, "Invalid dropout: 'on'"),
         ({"max_history": 0}, "Invalid max_history: 0"),
         ({"estimate_kwargs": [1]}, r"Invalid estimate_kwargs: \[1\]"),
+        ({"estimate_kwargs": {"bogus": 1}}, r"Invalid estimate_kwargs: unknown key 'bogus'"),
+        ({"k": 1000}, r"Invalid k: 1000 \(the model has only 67 trainable parameters\)"),
+        ({"estimator": "slq"}, r"Invalid estimator: 'slq'"),
     ],
 )
 def test_invalid_arguments(override: dict, match: str) -> None:
