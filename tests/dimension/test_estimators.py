@@ -200,3 +200,43 @@ def test_invalid_lr(problem) -> None:
     model, batches, _, _ = problem
     with pytest.raises(ValueError, match="Invalid lr: -1"):
         estimate_sharpness_dimension(model, LOSS, batches, -1)
+
+
+def test_decomposition_matches_the_dense_spectrum(problem) -> None:
+    from sdopt.dimension import edge_of_stability
+    from sdopt.dimension.estimators import NEGATIVE_RESOLUTION
+
+    model, batches, spectra, lr = problem
+    sharpest = int(spectra.max(dim=1).values.argmax())  # beyond the edge by construction
+    full = spectra[sharpest]
+    batch = batches[sharpest : sharpest + 1]
+    est = estimate_sharpness_dimension(model, LOSS, batch, lr)  # d = 42: dense route
+    assert est.settings["dense"] and est.uncertainty == 0.0 and est.low == est.high == est.value
+    assert est.value == pytest.approx(sharpness_dimension(full, lr), abs=1e-6)
+    radius = float(full.abs().max())
+    assert est.n_neg == int((full < -NEGATIVE_RESOLUTION * radius).sum())
+    assert est.n_edge == int((full > edge_of_stability("gd") / lr).sum()) >= 1
+    assert est.total_exponent == pytest.approx(float(torch.log((1 - lr * full).abs()).sum()))
+    assert est.j_star == int(est.value)
+    assert est.lambda_max == pytest.approx(float(full.max()))
+    assert est.lambda_min == pytest.approx(float(full.min()))
+    # the same measurement at another learning rate, no products
+    other = est.at_lr(0.5 * lr)
+    assert other.num_products == est.num_products and other.lr == 0.5 * lr
+    assert other.value == pytest.approx(sharpness_dimension(full, 0.5 * lr), abs=1e-6)
+    assert other.n_edge == int((full > 2 / (0.5 * lr)).sum())
+
+
+def test_deflated_sees_the_bulk_the_trace_only_model_misses(problem) -> None:
+    model, batches, spectra, lr = problem
+    exact = sharpness_dimension(spectra[:2], lr)
+    options = {"k": 8, "k_bottom": 2, "num_probes": 4, "num_steps": 5, "allow_dense": False}
+    deflated = estimate_sharpness_dimension(
+        model, LOSS, batches[:2], lr, generator=torch.Generator().manual_seed(0), **options
+    )
+    topk = estimate_sharpness_dimension(
+        model, LOSS, batches[:2], lr, "topk", generator=torch.Generator().manual_seed(0),
+        **options,
+    )  # fmt: skip
+    assert abs(deflated.value - exact) < abs(topk.value - exact)
+    assert deflated.uncertainty > 0 and deflated.low <= deflated.value <= deflated.high
