@@ -5,7 +5,8 @@ training, GELU MLP of width 256, full batch, AdamW lr 3e-3, weight decay 1):
 
 - ``adamw``: the plain base optimizer.
 - ``grokfast``: AdamW with the Grokfast EMA filter (α = 0.98, λ = 2; Lee et al., 2024).
-- ``sd-lr``: ``SDOptimizer(mode="lr")`` with its default controller (target SD 0, scale ≤ 1).
+- ``sd-lr``: ``SDOptimizer(mode="lr")`` with the first release's controller settings (target
+  SD 0, scale ≤ 1), kept explicit; today's default rides the edge instead.
 - ``sd-lr-up``: ``mode="lr"`` allowed to raise the LR up to 4× while the predicted SD stays 0.
 - ``adamw-4x``: AdamW at 4× the LR (the control for ``sd-lr-up``).
 - ``sd-penalty``: ``SDOptimizer(mode="penalty")`` with its default strength.
@@ -55,13 +56,19 @@ BASE = {
 METHODS = {
     "adamw": {},
     "grokfast": {"optimizer": "grokfast-adamw"},
-    "sd-lr": {"sd_mode": "lr"},
-    "sd-lr-up": {"sd_mode": "lr", "sd_options": {"controller": {"max_scale": 4.0}}},
+    "sd-lr": {"sd_mode": "lr", "sd_options": {"controller": {"target_sd": 0.0, "max_scale": 1.0}}},
+    "sd-lr-up": {
+        "sd_mode": "lr",
+        "sd_options": {"controller": {"target_sd": 0.0, "max_scale": 4.0}},
+    },
     "adamw-4x": {"lr": 1.2e-2},
     "sd-penalty": {"sd_mode": "penalty"},
     "sd-lr-adam-up": {
         "sd_mode": "lr",
-        "sd_options": {"exponent_map": "adam", "controller": {"max_scale": 16.0}},
+        "sd_options": {
+            "exponent_map": "adam",
+            "controller": {"target_sd": 0.0, "max_scale": 16.0},
+        },
     },
     "adamw-16x": {"lr": 4.8e-2},
 }

@@ -12,7 +12,8 @@ training set, k = 3, the paper's GD exponent map):
 
 - ``sgd``: the bare base optimizer (``monitor`` is identical bit for bit, tested elsewhere);
 - ``monitor``: the same run, measured (SD, η·λ_max);
-- ``lr``: ``mode="lr"``, target SD 0, scale ≤ 1 (it lowers the LR while SD > 0);
+- ``lr``: ``mode="lr"``, target SD 0, scale ≤ 1 (it lowers the LR while the predicted SD > 0;
+  since issue 10 a target no scale meets falls back to the edge scale);
 - ``penalty``: ``mode="penalty"`` at its default strength 1e-3, and ``penalty-1e-2`` at 10×.
 
 Printed per method: median over seeds of the epoch at which test accuracy first reached 95 %
@@ -40,7 +41,8 @@ from sdopt.tasks.grokking import GrokkingMLP, modular_arithmetic
 METHODS = {
     "sgd": None,
     "monitor": {"mode": "monitor"},
-    "lr": {"mode": "lr"},
+    # the first release's controller settings, kept explicit (the default now rides the edge)
+    "lr": {"mode": "lr", "controller": {"target_sd": 0.0, "max_scale": 1.0}},
     "penalty": {"mode": "penalty", "penalty_strength": 1e-3},
     "penalty-1e-2": {"mode": "penalty", "penalty_strength": 1e-2},
 }
