@@ -225,8 +225,9 @@ class SDOptimizer(torch.optim.Optimizer):
         k: Number of top Hessian eigenpairs computed at each estimate (``>= 1``; default that
             of :func:`sdopt.estimate_sharpness_dimension`, 8).
         estimator: The method of :func:`sdopt.estimate_sharpness_dimension` that produces every
-            record: ``"deflated"`` (default: both ends of the spectrum exact, the bulk by SLQ on
-            the deflated Hessian, warm-started from the previous estimate), ``"exact"`` (dense
+            record: ``"deflated"`` (default: both ends of the spectrum exact, the top end
+            warm-started from the previous estimate, the bulk by SLQ on the deflated Hessian),
+            ``"exact"`` (dense
             full spectrum; small models) or ``"topk"`` (the bulk as its mean: a cheap baseline
             that cannot see negative curvature in the bulk).
         exponent_map: ``"gd"`` (the paper's map ``I - ηH``), ``"momentum"`` (heavy ball with
@@ -394,7 +395,7 @@ class SDOptimizer(torch.optim.Optimizer):
         self.history: list[EstimateRecord] = []
         self._eigenvalues: Tensor | None = None  # exact eigenvalues: top k, then bottom
         self._eigenvectors: Tensor | None = None  # top-k Ritz vectors (warm start, penalty)
-        self._bottom_vectors: Tensor | None = None  # bottom Ritz vectors (warm start, penalty)
+        self._bottom_vectors: Tensor | None = None  # bottom Ritz vectors (penalty)
         self._penalty_grad: Tensor | None = None
         self._directions: Tensor | None = None  # P^{-1/2} v_i for the adam map
         self._penalty_batch: Any = None  # the curvature batch of the last estimate
