@@ -635,7 +635,8 @@ class SDOptimizer(torch.optim.Optimizer):
         try:
             with self._isolated():
                 batch = self.data.draw()
-                est = self._compute_estimate(batch, base_lr * self.lr_scale)
+                precond = self._preconditioner()
+                est = self._compute_estimate(batch, base_lr * self.lr_scale, precond)
         except NonFiniteLossError:
             self._skip(t, "non-finite loss on the curvature batch")
             return
@@ -655,7 +656,7 @@ class SDOptimizer(torch.optim.Optimizer):
         self._eigenvalues = _exact_values(est)
         self._eigenvectors = est.eigenvectors
         self._bottom_vectors = est.bottom_eigenvectors
-        self._directions = self._adam_directions(est)
+        self._directions = self._adam_directions(est, precond)
         self._bulk = _bulk_of(est)
         self._penalty_batch = batch if self.mode == "penalty" else None
         self._spectrum = est
@@ -774,13 +775,13 @@ class SDOptimizer(torch.optim.Optimizer):
         params = [p for _, p in _unwrap(self.model).named_parameters() if p.requires_grad]
         return adam_preconditioner(self.base_optimizer, params, missing="frozen")
 
-    def _adam_directions(self, est: Any) -> Tensor | None:
+    @staticmethod
+    def _adam_directions(est: Any, precond: Tensor | None) -> Tensor | None:
         """``P^{-1/2} v_i`` for the adam map (the penalty differentiates along them)."""
-        if self.exponent_map != "adam" or est.eigenvectors is None:
+        if precond is None or est.eigenvectors is None:
             return None
         vectors = _exact_vectors(est)
-        precond = self._preconditioner().to(vectors)
-        return precond.rsqrt()[:, None] * vectors
+        return precond.to(vectors).rsqrt()[:, None] * vectors
 
     def _edge(self) -> float:
         """``η·λ_max`` at the edge of stability of the exponent map (2 for ``"gd"``)."""
@@ -792,12 +793,12 @@ class SDOptimizer(torch.optim.Optimizer):
         beta = self._momentum() if self.exponent_map != "gd" else 0.0
         return {"exponent_map": self.exponent_map, "momentum": beta}
 
-    def _compute_estimate(self, batch: Any, lr: float) -> Any:
+    def _compute_estimate(self, batch: Any, lr: float, precond: Tensor | None) -> Any:
         """One estimate on ``batch`` at learning rate ``lr``: exactly
         :func:`sdopt.estimate_sharpness_dimension` (``method=estimator``, ``k``, ``tol`` and
         ``estimate_kwargs``), its top end warm-started from the cached eigenvectors, on this
-        optimizer's generator, with the exponent map's momentum and Adam's preconditioner read
-        from the base optimizer."""
+        optimizer's generator, with the exponent map's momentum and ``precond`` (Adam's
+        preconditioner from :meth:`_preconditioner`, or ``None``)."""
         from sdopt.dimension import estimate_sharpness_dimension
 
         options = dict(self.estimate_kwargs)
@@ -817,7 +818,7 @@ class SDOptimizer(torch.optim.Optimizer):
             # transformer, against 92 products cold (benchmarks/overhead.py, 2026-12-01)
             init_bottom=None,
             generator=self.generator,
-            preconditioner=self._preconditioner(),
+            preconditioner=precond,
             operator_options=operator_options,
             **self._sd_kwargs(),
             **options,

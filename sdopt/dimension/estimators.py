@@ -45,7 +45,12 @@ from typing import Any
 import torch
 
 from sdopt._checks import check_choice, check_in_range, check_int, check_positive
-from sdopt.dimension.exponents import EXPONENT_MAPS, edge_of_stability, exponents_unchecked
+from sdopt.dimension.exponents import (
+    EXPONENT_MAPS,
+    edge_of_stability,
+    exponent_multiplicity,
+    exponents_unchecked,
+)
 from sdopt.dimension.sketch import (
     SpectrumSketch,
     exponents_and_weights,
@@ -322,7 +327,7 @@ def _shifted_exponents(
     SD is non-decreasing in every exponent, so these two bracket what the exact ends allow."""
     low, high = z.clone(), z.clone()
     centre = _most_contracting(lr, map, momentum)
-    width = z.shape[1] // _mult(map, momentum)
+    width = z.shape[1] // exponent_multiplicity(map, momentum)
     for i, g in enumerate(groups):
         n = g.exact.numel()
         if n == 0:
@@ -331,18 +336,12 @@ def _shifted_exponents(
         inner = torch.minimum(torch.maximum(torch.full_like(a, centre), a - r), a + r)
         candidates = torch.stack([a - r, a, a + r, inner])
         zc = exponents_unchecked(candidates, lr, map=map, momentum=momentum, eps=eps)
-        for block in range(_mult(map, momentum)):
+        for block in range(exponent_multiplicity(map, momentum)):
             cols = slice(block * width, block * width + n)
             part = zc[:, block * n : (block + 1) * n]
             low[i, cols] = part.min(dim=0).values
             high[i, cols] = part.max(dim=0).values
     return low, high
-
-
-def _mult(map: str, momentum: float) -> int:
-    from sdopt.dimension.exponents import exponent_multiplicity
-
-    return exponent_multiplicity(map, momentum)
 
 
 def _jackknife(values: list[float]) -> float:
@@ -661,11 +660,12 @@ def _readout(
     dim = sketch.dim
     z, zw = exponents_and_weights(sketch.nodes, sketch.weights, lr, eps, map, momentum)
     if groups is None:  # exact spectra, or the paper's pooled SLQ measures
+        exact = sketch.kind == "points" and sketch.pooling == "quantile"
         value, uncertainty = sd_from_spectrum(
-            sketch, lr, eps=eps, exponent_map=map, momentum=momentum
+            sketch, lr, eps=eps, exponent_map=map, momentum=momentum, uncertainty=not exact
         )
-        if sketch.kind == "points" and sketch.pooling == "quantile":
-            uncertainty = 0.0  # exact spectra: nothing about these batches is uncertain
+        if exact:  # nothing about these batches is uncertain (their spread: batch_se below)
+            uncertainty = 0.0
         low, high = value - 2 * uncertainty, value + 2 * uncertainty
     else:
         value = quantile_pooled_sd(z, zw)
