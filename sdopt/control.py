@@ -214,7 +214,7 @@ def update_lr_scale(
         ``(new_scale, new_state)``. ``new_state.feasible`` is ``False`` when ``target_sd``
         could not be met by any scale in range.
     """
-    edge_scale = float(edge_scale) if edge_scale == edge_scale else math.inf
+    edge_scale = math.inf if math.isnan(edge_scale) else float(edge_scale)
     raw = min(max(edge_scale, config.min_scale), config.max_scale)
     feasible = True
     if config.target_sd is not None:
