@@ -9,6 +9,12 @@ helpers, torch). A trailing reST ``::`` before a code block becomes ``:``.
 
 The links are written directly rather than through mkdocs-autorefs because several objects are
 rendered twice (in a guide and in the API reference), which autorefs cannot always disambiguate.
+
+Mathematics: ``pymdownx.arithmatex`` (generic mode) marks every formula as
+``<span class="arithmatex">\\(…\\)</span>`` or ``<div class="arithmatex">\\[…\\]</div>``; this hook
+converts each to MathML at build time with ``latex2mathml`` (installed with the ``docs`` extra),
+which browsers render natively, so the site shows its formulas offline: no script, font or CDN.
+A formula that does not convert fails the build, naming the page and the formula.
 """
 
 from __future__ import annotations
@@ -25,6 +31,12 @@ ROLE = re.compile(
 )
 LITERAL_BLOCK = re.compile(r"::</p>(\s*<div class=\"(?:language-\w+ )?highlight\">)")
 AUTODOC = re.compile(r"^:::[ \t]+([\w.]+)", flags=re.M)
+MATH = re.compile(
+    r'<(?P<tag>span|div) class="arithmatex">\s*\\(?P<open>[(\[])(?P<tex>.*?)\\[)\]]\s*</(?P=tag)>',
+    flags=re.S,
+)
+UNKNOWN_COMMAND = re.compile(r">(\\[A-Za-z]+)<")
+UNSUPPORTED = re.compile(r"(\\\\\[[^\]]*\])")  # a line break with spacing, \\[2pt]: shown as text
 
 
 def _exports() -> dict[str, str]:
@@ -97,7 +109,39 @@ def sphinx_roles_to_links(
     return LITERAL_BLOCK.sub(r":</p>\1", ROLE.sub(replace, content))
 
 
+def math_to_mathml(content: str, where: str = "page") -> str:
+    """Every arithmatex formula in ``content`` as MathML (``display="block"`` for ``\\[…\\]``).
+
+    Raises:
+        ValueError: a formula ``latex2mathml`` cannot convert (the page and formula named).
+    """
+    from latex2mathml.converter import convert
+
+    def replace(match: re.Match[str]) -> str:
+        tex = html.unescape(match["tex"]).strip()
+        block = match["open"] == "["
+        try:
+            mathml = convert(tex, display="block" if block else "inline")
+        except Exception as exc:  # latex2mathml raises many types; all mean "cannot render"
+            raise ValueError(
+                f"{where}: cannot render the formula {tex!r} as MathML: {exc}"
+            ) from exc
+        unknown = UNKNOWN_COMMAND.search(mathml) or UNSUPPORTED.search(tex)
+        if unknown:  # latex2mathml passes commands it does not know through as text
+            raise ValueError(
+                f"{where}: cannot render the formula {tex!r} as MathML: unknown command "
+                f"{unknown[1]}"
+            )
+        # the TeX source stays in the page for copying and for screen readers' fallback
+        mathml = mathml.replace("<math ", f'<math alttext="{html.escape(tex)}" ', 1)
+        tag = "div" if block else "span"
+        return f'<{tag} class="arithmatex">{mathml}</{tag}>'
+
+    return MATH.sub(replace, content)
+
+
 def on_page_content(html_content: str, page: Any, config: Any, **kwargs: Any) -> str:
     """MkDocs event: runs on every page's HTML after it is rendered."""
     pages = api_pages(config["docs_dir"])
-    return sphinx_roles_to_links(html_content, page.url, pages, _exports())
+    content = sphinx_roles_to_links(html_content, page.url, pages, _exports())
+    return math_to_mathml(content, page.file.src_path)

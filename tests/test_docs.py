@@ -171,6 +171,33 @@ def test_hook_turns_sphinx_roles_into_links() -> None:
     assert hooks.api_pages(DOCS)["sdopt.optim.SDOptimizer"] == "api/optimizer/"
 
 
+def _hooks() -> object:
+    sys.path.insert(0, str(ROOT))
+    try:
+        return importlib.import_module("mkdocs_hooks")
+    finally:
+        sys.path.remove(str(ROOT))
+
+
+def test_hook_renders_formulas_as_mathml() -> None:
+    pytest.importorskip("latex2mathml")
+    hooks = _hooks()
+    html = (
+        '<p>Step <span class="arithmatex">\\(\\eta &lt; 2/\\lambda\\)</span>.</p>'
+        '<div class="arithmatex">\\[\n\\sum_{i=1}^{j} \\log\\lvert 1-\\eta\\alpha_i\\rvert\n\\]</div>'
+    )
+    out = hooks.math_to_mathml(html, "theory.md")
+    assert out.count("<math ") == 2 and 'display="block"' in out and 'display="inline"' in out
+    assert "&lt;" in out and ("∑" in out or "&#x02211;" in out)
+    assert 'alttext="\\eta &lt; 2/\\lambda"' in out and "\\(" not in out
+    with pytest.raises(ValueError, match=r"theory.md: cannot render the formula"):
+        hooks.math_to_mathml('<span class="arithmatex">\\(x^\\)</span>', "theory.md")
+    with pytest.raises(ValueError, match=r"unknown command \\notacommand"):
+        hooks.math_to_mathml('<span class="arithmatex">\\(\\notacommand x\\)</span>', "a.md")
+    with pytest.raises(ValueError, match=r"a.md: cannot render"):  # rendered as text otherwise
+        hooks.math_to_mathml('<div class="arithmatex">\\[a \\\\[2pt] b\\]</div>', "a.md")
+
+
 def test_strict_build_and_internal_api_links(tmp_path: Path) -> None:
     """The CI build, plus what it does not check: every API cross-link lands on an anchor."""
     pytest.importorskip("mkdocs")
@@ -196,3 +223,18 @@ def test_strict_build_and_internal_api_links(tmp_path: Path) -> None:
             if not target.is_file() or f'id="{anchor}"' not in target.read_text(encoding="utf-8"):
                 broken.append(f"{page.relative_to(site)}: {href}")
     assert broken == []
+    # the formulas render offline: MathML in the page, no TeX left for a script, no remote asset
+    pages = {
+        p.relative_to(site).as_posix(): p.read_text(encoding="utf-8") for p in site.rglob("*.html")
+    }
+    assert pages["theory/index.html"].count("<math ") >= 40
+    left = [p for p, t in pages.items() if re.search(r'class="arithmatex">\s*\\[(\[]', t)]
+    assert left == []
+    # nor TeX broken out of its markers (a "|" inside a table cell splits the cell)
+    code = re.compile(r"<(pre|code)\b.*?</\1>|alttext=\"[^\"]*\"", flags=re.S)
+    stray = [
+        p for p, t in pages.items() if re.search(r"\\[(\[]|\\(log|eta|alpha)\b", code.sub("", t))
+    ]
+    assert stray == []
+    remote = [p for p, t in pages.items() if re.search(r'<script[^>]+src="(https?:)?//', t)]
+    assert remote == []
