@@ -48,6 +48,8 @@ EXPONENT_MAPS = ("gd", "momentum", "adam")
 # methods of estimate_sharpness_dimension with eigenpairs (warm starts and the penalty need them)
 ESTIMATORS = ("deflated", "exact", "topk")
 DEFAULT_EVERY = 20_000
+# kinds of failure caught (warned, counted in SDOptimizer.failures) so that training goes on
+FAILURE_KINDS = ("logger", "estimate", "penalty", "sdopt")
 _STATE_VERSION = 2
 # keyword arguments of sdopt.top_eigenpairs accepted in estimate_kwargs (-> solver_options)
 _SOLVER_KEYS = ("max_iters", "max_basis", "init_noise", "criterion")
@@ -66,29 +68,73 @@ def _is_batch(obj: Any) -> bool:
     )
 
 
+def _check_batch(batch: Any, where: str) -> None:
+    """An ``(inputs, targets)`` pair of tensors must hold the same, non-zero number of rows."""
+    x, y = batch
+    rows = [t.shape[0] for t in (x, y) if isinstance(t, Tensor) and t.dim() > 0]
+    if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == 0:
+        raise ValueError(f"Invalid {where}: an empty batch (inputs of shape {tuple(x.shape)})")
+    if len(rows) == 2 and rows[0] != rows[1]:
+        raise ValueError(
+            f"Invalid {where}: inputs of shape {tuple(x.shape)} and targets of shape "
+            f"{tuple(y.shape)} (mismatched batch sizes {rows[0]} != {rows[1]})"
+        )
+
+
 def _dist_initialized() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
 
 
+def _pass_seed(seed: int, index: int) -> int:
+    """The global-RNG seed under which pass ``index`` over an iterable is started."""
+    return (seed * 1_000_003 + index * 7919 + 0x5D0) % (2**63 - 1)
+
+
+def _loader_generators(source: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects a ``DataLoader``'s shuffling draws from (if any)."""
+    found: list[torch.Generator] = []
+    for obj in (
+        source,
+        getattr(source, "sampler", None),
+        getattr(getattr(source, "batch_sampler", None), "sampler", None),
+    ):
+        g = getattr(obj, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not h for h in found):
+            found.append(g)
+    return found
+
+
 class _CurvatureData:
     """The curvature data: a fixed batch / list of batches, an iterable drawn from, or a callable.
 
     Drawing happens under ``torch.random.fork_rng`` so a shuffling ``DataLoader`` or a sampling
-    callable never advances the training loop's global RNG.
+    callable never advances the training loop's global RNG. Every pass over an iterable starts
+    from a global-RNG seed derived from the optimizer's ``seed`` and the pass number (and from
+    the saved state of the loader's own generators, if it has any), so that a resumed run
+    recreates the pass it was in and skips the batches already drawn: the batches after a
+    resume are exactly those of the uninterrupted run. A callable is not replayed.
     """
 
-    def __init__(self, data: Any) -> None:
+    def __init__(self, data: Any, seed: int = 0) -> None:
         if data is None:
             raise ValueError(
                 "Invalid data: None (must be an (inputs, targets) batch, a list of batches, "
                 "an iterable such as a DataLoader, or a callable returning a batch)"
             )
+        if isinstance(data, Tensor):
+            raise ValueError(
+                f"Invalid data: a bare tensor of shape {tuple(data.shape)} (must be an "
+                "(inputs, targets) batch, a list of batches, an iterable such as a DataLoader, "
+                "or a callable returning a batch)"
+            )
+        self.seed = int(seed)
         self.fixed: Any = None
         self.source: Any = None
         self.callable: Callable[[], Any] | None = None
         if _is_batch(data):
+            _check_batch(data, "data")
             self.fixed = (data[0], data[1])
         elif isinstance(data, (list, tuple)):
             if not data or not all(_is_batch(b) for b in data):
@@ -96,7 +142,15 @@ class _CurvatureData:
                     f"Invalid data: a {type(data).__name__} of length {len(data)} "
                     "(must be an (inputs, targets) batch or a non-empty list of them)"
                 )
+            for i, b in enumerate(data):
+                _check_batch(b, f"data[{i}]")
             self.fixed = list(data)
+        elif isinstance(data, (str, bytes, dict)):
+            raise ValueError(
+                f"Invalid data: a {type(data).__name__} (must be an (inputs, targets) batch, a "
+                "list of batches, an iterable such as a DataLoader, or a callable returning a "
+                "batch)"
+            )
         elif callable(data) and not isinstance(data, Iterable):
             self.callable = data
         elif isinstance(data, Iterable):
@@ -107,7 +161,12 @@ class _CurvatureData:
                 "of batches, an iterable such as a DataLoader, or a callable returning a batch)"
             )
         self._iterator: Iterator[Any] | None = None
+        self.passes = 0  # passes started over ``source``
         self.drawn = 0  # batches drawn from the current pass over ``source``
+        self._pass_states: list[Tensor] = []  # the loader's generators at the pass's start
+        self._replay = False  # recreate the current pass and skip ``drawn`` at the next draw
+        # a batch handed back by an interrupted estimate, with the cursor after it
+        self._pending: tuple[Any, int, int, list[Tensor]] | None = None
 
     @property
     def kind(self) -> str:
@@ -115,18 +174,46 @@ class _CurvatureData:
             return "fixed"
         return "callable" if self.callable is not None else "iterable"
 
+    def cursor(self) -> dict[str, Any]:
+        """The position to resume from (``passes``, ``drawn``, the pass's generator states)."""
+        return {
+            "passes": self.passes,
+            "drawn": self.drawn,
+            "pass_states": [s.clone() for s in self._pass_states],
+        }
+
+    def _start_pass(self, index: int, states: list[Tensor] | None) -> None:
+        generators = _loader_generators(self.source)
+        if states is not None and len(states) == len(generators):
+            for g, s in zip(generators, states):
+                g.set_state(s)
+        self._pass_states = [g.get_state() for g in generators]
+        torch.manual_seed(_pass_seed(self.seed, index))  # inside draw's fork_rng
+        self._iterator = iter(self.source)
+
     def draw(self) -> Any:
         if self.fixed is not None:
             return self.fixed
+        if self._pending is not None:
+            batch, self.passes, self.drawn, self._pass_states = self._pending
+            self._pending = None
+            return batch
         with torch.random.fork_rng(devices=[]):
             if self.callable is not None:
                 return self.callable()
+            if self._replay:
+                self._replay = False
+                if self.passes > 0:
+                    self._start_pass(self.passes - 1, self._pass_states)
+                    for _ in range(self.drawn):
+                        next(self._iterator)  # type: ignore[arg-type]
             for _ in range(2):
                 if self._iterator is None:
-                    self._iterator = iter(self.source)
+                    self._start_pass(self.passes, None)
+                    self.passes += 1
                     self.drawn = 0
                 try:
-                    batch = next(self._iterator)
+                    batch = next(self._iterator)  # type: ignore[arg-type]
                 except StopIteration:
                     self._iterator = None
                     continue
@@ -134,13 +221,33 @@ class _CurvatureData:
                 return batch
         raise ValueError("Invalid data: the curvature iterable yields no batches")
 
-    def restore(self, drawn: int) -> None:
-        """Re-create the iterator and skip ``drawn`` batches (exact when the iterable replays)."""
+    def unread(self, batch: Any, before: dict[str, Any]) -> None:
+        """Hand ``batch`` back (an interrupted estimate): the next draw returns it again, and
+        the cursor is ``before`` (the position before it was drawn) until then."""
+        if self.kind != "iterable":
+            return
+        self._pending = (batch, self.passes, self.drawn, self._pass_states)
+        self.passes, self.drawn = before["passes"], before["drawn"]
+        self._pass_states = before["pass_states"]
+
+    def restore(self, cursor: dict[str, Any]) -> None:
+        """Resume at ``cursor``: the next draw recreates that pass (same seed, same generator
+        states) and skips the batches already drawn (exact when the iterable replays)."""
         if self.source is None:
             return
         self._iterator = None
-        for _ in range(drawn):
-            self.draw()
+        self._pending = None
+        self.passes = int(cursor.get("passes", 1 if cursor.get("drawn", 0) else 0))
+        self.drawn = int(cursor.get("drawn", 0))
+        self._pass_states = list(cursor.get("pass_states") or [])
+        self._replay = self.passes > 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if state["_iterator"] is not None:  # live iterators (DataLoader's) cannot be pickled
+            state["_iterator"] = None
+            state["_replay"] = True
+        return state
 
 
 def _estimate_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -148,6 +255,10 @@ def _estimate_options(options: dict[str, Any]) -> dict[str, Any]:
     eigen-solver keywords go to ``solver_options``; ``trace_probes`` (first release) is
     ``num_probes``; anything else is an error naming the key."""
     out: dict[str, Any] = {}
+    for key in ("solver_options", "operator_options"):
+        value = options.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"Invalid estimate_kwargs[{key!r}]: {value!r} (must be a dict)")
     solver = dict(options.get("solver_options") or {})
     for key, value in options.items():
         if key == "solver_options":
@@ -160,12 +271,66 @@ def _estimate_options(options: dict[str, Any]) -> dict[str, Any]:
             out[key] = value
         else:
             known = ", ".join(sorted((*_ESTIMATE_KEYS, *_SOLVER_KEYS, "trace_probes")))
-            raise ValueError(
-                f"Invalid estimate_kwargs: unknown key {key!r} (known: {known})"
-            )
+            raise ValueError(f"Invalid estimate_kwargs: unknown key {key!r} (known: {known})")
     if solver:
         out["solver_options"] = solver
     return out
+
+
+def _is_adam(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` keeps Adam's second moment (``exp_avg_sq``, ``betas``, ``eps``)."""
+    adams = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam)
+    if isinstance(optimizer, adams):
+        return True
+    if isinstance(optimizer, (torch.optim.Adamax, torch.optim.SparseAdam)):
+        return False  # exp_inf / sparse moments: not the preconditioner sdopt reads
+    groups = optimizer.param_groups
+    return bool(groups) and all("betas" in g and "eps" in g for g in groups)
+
+
+def _loss_of(model: nn.Module, loss_fn: Callable[..., Any], data: Any, dropout: str) -> Tensor:
+    """The curvature loss on ``data``, evaluated as the curvature engine does (dropout per
+    ``dropout``, BatchNorm statistics frozen, buffers copied, global RNG restored), without
+    autograd. Raises ``ValueError`` naming ``data`` or ``loss_fn`` for what cannot be
+    evaluated; returns the mean loss (possibly non-finite)."""
+    from sdopt.curvature.functional import make_functional_loss
+
+    f = make_functional_loss(model, loss_fn, data, dropout=dropout)
+    total = None
+    with torch.no_grad(), f.evaluation():
+        for i, (inputs, targets) in enumerate(f.batches):
+            where = "data" if len(f.batches) == 1 else f"data[{i}]"
+            try:
+                outputs = f.batch_outputs(f.params, i)
+            except Exception as exc:
+                shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
+                raise ValueError(
+                    f"Invalid {where}: the model cannot evaluate inputs of shape {shape} "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
+            try:
+                loss = loss_fn(outputs, targets)
+            except Exception as exc:
+                shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets)
+                raise ValueError(
+                    f"Invalid {where} or loss_fn: loss_fn(outputs, targets) raised on targets of "
+                    f"shape {shape} ({type(exc).__name__}: {exc})"
+                ) from exc
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                raise ValueError(
+                    f"Invalid loss_fn: {getattr(loss_fn, '__name__', loss_fn)!r} returned {got} "
+                    "(must return a scalar 0-d tensor, the mean loss; use reduction='mean', "
+                    "not 'none')"
+                )
+            total = loss.detach() if total is None else total + loss.detach()
+    assert total is not None
+    return total / len(f.batches)
+
+
+def _dry_run(model: nn.Module, loss_fn: Callable[..., Any], data: Any, dropout: str) -> None:
+    """The construction-time check of a fixed curvature batch (see :func:`_loss_of`)."""
+    _loss_of(model, loss_fn, data, dropout)
 
 
 def _exact_vectors(est: Any) -> Tensor:
@@ -312,6 +477,14 @@ class SDOptimizer(torch.optim.Optimizer):
         if controller is None:
             controller = LRControllerConfig()
         elif isinstance(controller, dict):
+            from dataclasses import fields
+
+            known = {f.name for f in fields(LRControllerConfig)}
+            unknown = sorted(str(key) for key in controller if key not in known)
+            if unknown:
+                raise ValueError(
+                    f"Invalid controller: unknown key(s) {unknown} (known: {sorted(known)})"
+                )
             controller = LRControllerConfig(**controller)
         elif not isinstance(controller, LRControllerConfig):
             raise ValueError(
@@ -367,9 +540,27 @@ class SDOptimizer(torch.optim.Optimizer):
                     )
 
         self.base_optimizer = base_optimizer
+        if self.exponent_map == "adam" and not _is_adam(base_optimizer):
+            raise ValueError(
+                f"Invalid exponent_map: 'adam' over a {type(base_optimizer).__name__} base "
+                "optimizer (needs Adam, AdamW, NAdam or RAdam: param groups with 'betas' and "
+                "'eps' and a state 'exp_avg_sq'; use exponent_map='gd' or 'momentum')"
+            )
+        for i, group in enumerate(base_optimizer.param_groups):
+            lr = group.get("lr")
+            value = float(lr) if isinstance(lr, (int, float, Tensor)) else math.nan
+            if group["params"] and not value > 0:
+                raise ValueError(
+                    f"Invalid lr: {lr!r} in param group {i} of the base optimizer (must be > 0: "
+                    "the sharpness dimension is a function of the learning rate)"
+                )
+
+        self.base_optimizer = base_optimizer
         self.model = model
         self.loss_fn = loss_fn
-        self.data = _CurvatureData(data)
+        self.data = _CurvatureData(data, self.seed)
+        if self.data.kind == "fixed":
+            _dry_run(model, loss_fn, self.data.fixed, dropout)
 
         # torch.optim.Optimizer plumbing. No super().__init__ (it would build new groups):
         # param_groups, state and defaults are properties that read and write the base's.
@@ -407,6 +598,13 @@ class SDOptimizer(torch.optim.Optimizer):
         # exponent_map='adam' before the base optimizer's first step: no preconditioner yet, the
         # estimate due is made at the next step instead
         self._deferred = False
+        # failures that sdopt caught so that training goes on: counts by kind ("logger",
+        # "estimate", "penalty", "sdopt") and the latest events (step, kind, message)
+        self.failures: dict[str, int] = dict.fromkeys(FAILURE_KINDS, 0)
+        self.failure_events: list[dict[str, Any]] = []
+        self._warned_loggers: set[int] = set()  # indices of loggers already warned about
+        self._last_draw: Any = None  # the curvature batch of the latest draw
+        self._draws = 0  # draws so far (an interrupted step hands its batch back)
 
     # ------------------------------------------------------------------ torch.optim contract
 
@@ -489,40 +687,126 @@ class SDOptimizer(torch.optim.Optimizer):
         penalty, with a warning and a ``"skipped"`` record; the base step is still called, so
         the parameters change exactly as the base optimizer alone would change them.
 
+        Nothing sdopt does stops training: an exception raised by a logger, an estimate,
+        the penalty or the controller is caught, warned about and counted in
+        :attr:`failures` (events in :attr:`failure_events`); the base step and the step counter
+        happen regardless. A ``KeyboardInterrupt`` (or ``SystemExit``) inside the step undoes
+        sdopt's share of it (generator state, caches, LR scale, history, the curvature batch
+        drawn) and propagates: a checkpoint saved then resumes exactly where the step started.
+
         Args:
             closure: Optional callable that re-evaluates the model and returns the loss.
 
         Returns:
             The closure's loss, or ``None``.
+
+        Raises:
+            ValueError: ``closure`` is not callable, or returns something other than a
+                tensor, a number or ``None``.
         """
+        if closure is not None and not callable(closure):
+            raise ValueError(
+                f"Invalid closure: {closure!r} (must be a callable returning the loss)"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            if loss is not None and not isinstance(loss, (Tensor, int, float)):
+                raise ValueError(
+                    f"Invalid closure: it returned a {type(loss).__name__} (must return the "
+                    "loss as a tensor or a number, or None)"
+                )
         t = self.step_count
+        saved = self._snapshot()
+        try:
+            try:
+                self._sdopt_part(t, loss)
+            except Exception as exc:  # nothing sdopt does may stop training
+                self._fail(t, "sdopt", exc)
+            if self.mode == "lr" and self.lr_scale != 1.0:
+                lrs = [group["lr"] for group in self.param_groups]
+                try:
+                    for group, lr in zip(self.param_groups, lrs):
+                        group["lr"] = lr * self.lr_scale
+                    self._base_step(closure, loss)
+                finally:
+                    for group, lr in zip(self.param_groups, lrs):
+                        group["lr"] = lr
+            else:
+                self._base_step(closure, loss)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: undo sdopt's
+                self._rollback(saved)  # share of the step, so a resumed run replays it exactly
+            raise
+        self.step_count += 1
+        return loss
+
+    def _sdopt_part(self, t: int, loss: Any) -> None:
+        """The estimate (if due) and the penalty (``mode="penalty"``) of step ``t``."""
         start = time.perf_counter()
         estimate_due = t % self.every == 0 or self._deferred
         penalty_due = self.mode == "penalty" and t % self.penalty_every == 0
         loss_ok = self._loss_is_finite(loss, agree=estimate_due or penalty_due)
         if estimate_due:
             self._estimate(t, loss_ok)
-        if self.mode == "penalty" and loss_ok:
-            self._apply_penalty(t)
+        if self.mode == "penalty":
+            if loss_ok:
+                self._apply_penalty(t)
+            elif self._eigenvectors is not None and penalty_weight(
+                t, self.penalty_strength, self.penalty_warmup
+            ):
+                self._penalty_grad = None  # recomputed at the next finite step
+                self._fail(t, "penalty", None, "non-finite loss: the penalty is not applied")
         self._sdopt_seconds += time.perf_counter() - start
 
-        if self.mode == "lr" and self.lr_scale != 1.0:
-            saved = [group["lr"] for group in self.param_groups]
-            try:
-                for group, lr in zip(self.param_groups, saved):
-                    group["lr"] = lr * self.lr_scale
-                self._base_step(closure, loss)
-            finally:
-                for group, lr in zip(self.param_groups, saved):
-                    group["lr"] = lr
-        else:
-            self._base_step(closure, loss)
-        self.step_count += 1
-        return loss
+    # ------------------------------------------------------------------ failures, interrupts
+
+    def _fail(
+        self, t: int, kind: str, exc: BaseException | None, text: str = "", *, warn: bool = True
+    ) -> str:
+        """Record a caught failure: count it, keep the event, warn; return the message."""
+        message = text or f"{type(exc).__name__}: {exc}"
+        self.failures[kind] = self.failures.get(kind, 0) + 1
+        self.failure_events.append({"step": t, "kind": kind, "message": message})
+        if len(self.failure_events) > self.max_history:
+            del self.failure_events[: len(self.failure_events) - self.max_history]
+        if kind == "estimate" or not warn:
+            return message  # an estimate's caller warns (with the skipped record)
+        warnings.warn(
+            f"sdopt: {kind} failure at step {t} ({message}); training goes on "
+            f"(counted in optimizer.failures[{kind!r}])",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return message
+
+    _SNAPSHOT = (
+        "_eigenvalues", "_eigenvectors", "_bottom_vectors", "_penalty_grad", "_directions",
+        "_penalty_batch", "_bulk", "_spectrum", "_deferred", "lr_scale", "controller_state",
+        "_warned_infeasible",
+    )  # fmt: skip
+
+    def _snapshot(self) -> dict[str, Any]:
+        """What sdopt's share of a step changes (references: it replaces, never mutates)."""
+        state = {name: getattr(self, name) for name in self._SNAPSHOT}
+        state["generator"] = self.generator.get_state()
+        state["history"] = len(self.history)
+        state["data"] = self.data.cursor() if self.data.kind == "iterable" else None
+        state["draws"] = self._draws
+        return state
+
+    def _rollback(self, state: dict[str, Any]) -> None:
+        """Undo an interrupted step's estimate and penalty: the generator, caches, scale and
+        history as before it, and a batch it drew handed back to the curvature data."""
+        for name in self._SNAPSHOT:
+            setattr(self, name, state[name])
+        self.generator.set_state(state["generator"])
+        del self.history[state["history"] :]
+        if state["data"] is not None and self._draws != state["draws"]:
+            self.data.unread(self._last_draw, state["data"])
+        self._draws = state["draws"]
+        self._last_draw = None
 
     def _base_step(self, closure: Callable[[], Any] | None, loss: Any) -> None:
         """The base optimizer's step. With a closure, the base gets one too: its first call
@@ -583,10 +867,23 @@ class SDOptimizer(torch.optim.Optimizer):
         self.history.append(record)
         if len(self.history) > self.max_history:
             del self.history[: len(self.history) - self.max_history]
-        for lg in self.loggers:
-            lg.log(record)
+        for i, lg in enumerate(self.loggers):
+            try:
+                lg.log(record)
+            except Exception as exc:  # a logger never changes training
+                first = i not in self._warned_loggers
+                self._warned_loggers.add(i)
+                self._fail(
+                    record.step,
+                    "logger",
+                    exc,
+                    f"logger {i} ({type(lg).__name__}) raised {type(exc).__name__}: {exc}"
+                    + ("" if not first else "; later failures of this logger are not warned"),
+                    warn=first,
+                )
 
     def _skip(self, t: int, reason: str, **fields: Any) -> None:
+        self._fail(t, "estimate", None, reason)
         warnings.warn(
             f"sdopt: estimate at step {t} skipped ({reason})", RuntimeWarning, stacklevel=3
         )
@@ -632,19 +929,38 @@ class SDOptimizer(torch.optim.Optimizer):
         base_lr = self.reference_lr()
         from sdopt.dimension.estimators import NonFiniteLossError
 
+        distributed = _dist_initialized()
+        failure: str | None = None
         try:
             with self._isolated():
-                batch = self.data.draw()
+                batch = self._draw()
                 precond = self._preconditioner()
-                est = self._compute_estimate(batch, base_lr * self.lr_scale, precond)
+                if distributed:
+                    # every rank checks its shard's loss before the first collective of the
+                    # estimate, so that a failure on one rank skips the estimate on all ranks
+                    value = float(_loss_of(self.model, self.loss_fn, batch, self.dropout))
+                    if not math.isfinite(value):
+                        raise NonFiniteLossError(f"the loss on the curvature data is {value}")
         except NonFiniteLossError:
-            self._skip(t, "non-finite loss on the curvature batch")
+            failure = "non-finite loss on the curvature batch"
+        except Exception as exc:
+            failure = f"estimate failed: {type(exc).__name__}: {exc}"
+        failure = self._agree(failure)
+        if failure is not None:
+            self._skip(t, failure)
             return
+        try:
+            with self._isolated():
+                est = self._compute_estimate(batch, base_lr * self.lr_scale, precond)
+            if not math.isfinite(est.value) or not bool(torch.isfinite(est.eigenvalues).all()):
+                failure = "non-finite estimate"
+        except NonFiniteLossError:
+            failure = "non-finite loss on the curvature batch"
         except Exception as exc:  # a failed estimate must never stop training
-            self._skip(t, f"estimate failed: {type(exc).__name__}: {exc}")
-            return
-        if not math.isfinite(est.value) or not bool(torch.isfinite(est.eigenvalues).all()):
-            self._skip(t, "non-finite estimate", loss=est.loss)
+            failure = f"estimate failed: {type(exc).__name__}: {exc}"
+        failure = self._agree(failure)
+        if failure is not None:
+            self._skip(t, failure)
             return
         predicted = math.nan
         if self.mode == "lr":
@@ -793,6 +1109,33 @@ class SDOptimizer(torch.optim.Optimizer):
         beta = self._momentum() if self.exponent_map != "gd" else 0.0
         return {"exponent_map": self.exponent_map, "momentum": beta}
 
+    def _draw(self) -> Any:
+        """The next curvature batch (checked: an ``(inputs, targets)`` pair of equal sizes)."""
+        batch = self.data.draw()
+        self._draws += 1
+        self._last_draw = batch
+        if self.data.kind != "fixed":
+            if not _is_batch(batch):
+                raise ValueError(
+                    f"Invalid data: the curvature {self.data.kind} gave a "
+                    f"{type(batch).__name__} (each batch must be an (inputs, targets) pair)"
+                )
+            _check_batch(batch, "data")
+        return batch
+
+    def _agree(self, failure: str | None) -> str | None:
+        """Under ``torch.distributed``, whether any rank failed (all ranks take the same
+        branch: one ``all_reduce`` of a flag); ``failure`` itself otherwise."""
+        if not _dist_initialized():
+            return failure
+        import torch.distributed as dist
+
+        flag = torch.tensor([0.0 if failure is None else 1.0], device=self._device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() == 0.0:
+            return None
+        return failure if failure is not None else "failed on another rank"
+
     def _compute_estimate(self, batch: Any, lr: float, precond: Tensor | None) -> Any:
         """One estimate on ``batch`` at learning rate ``lr``: exactly
         :func:`sdopt.estimate_sharpness_dimension` (``method=estimator``, ``k``, ``tol`` and
@@ -849,6 +1192,7 @@ class SDOptimizer(torch.optim.Optimizer):
                     parts.append(self._bottom_vectors)
                 directions = torch.cat(parts, dim=1)
             lr = self.reference_lr() * self.lr_scale
+            failure: str | None = None
             try:
                 with self._isolated():
                     try:
@@ -872,11 +1216,10 @@ class SDOptimizer(torch.optim.Optimizer):
                     ).detach()
                     grad = grad.to(device=self._device)
             except Exception as exc:  # never stop training for a failed penalty
-                warnings.warn(
-                    f"sdopt: penalty at step {t} skipped ({type(exc).__name__}: {exc})",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+                failure = f"{type(exc).__name__}: {exc}"
+            failure = self._agree(failure)  # every rank skips, or none does
+            if failure is not None:
+                self._fail(t, "penalty", None, f"penalty skipped ({failure})")
                 self._penalty_grad = None
                 return
             if _dist_initialized():
@@ -885,11 +1228,7 @@ class SDOptimizer(torch.optim.Optimizer):
                 dist.all_reduce(grad, op=dist.ReduceOp.SUM)
                 grad /= dist.get_world_size()
             if not bool(torch.isfinite(grad).all()):
-                warnings.warn(
-                    f"sdopt: penalty at step {t} skipped (non-finite penalty gradient)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+                self._fail(t, "penalty", None, "penalty skipped (non-finite penalty gradient)")
                 self._penalty_grad = None
                 return
             self._penalty_grad = grad
@@ -942,7 +1281,10 @@ class SDOptimizer(torch.optim.Optimizer):
                 "penalty_batch": self._penalty_batch if self.data.kind != "fixed" else None,
                 "bulk": None if self._bulk is None else [t.clone() for t in self._bulk],
                 "data_drawn": self.data.drawn,
+                "data_cursor": self.data.cursor(),
                 "history": [asdict(r) for r in self.history],
+                "failures": dict(self.failures),
+                "failure_events": [dict(e) for e in self.failure_events],
             },
         }
 
@@ -963,11 +1305,40 @@ class SDOptimizer(torch.optim.Optimizer):
                 "to load a plain optimizer checkpoint use opt.base_optimizer.load_state_dict)"
             )
         s = state_dict["sdopt"]
+        if not isinstance(s, dict):
+            raise ValueError(
+                f"Invalid state_dict: 'sdopt' entry is a {type(s).__name__} (must be a dict)"
+            )
         if s.get("version") not in (1, _STATE_VERSION):
             raise ValueError(
                 f"Invalid state_dict: version {s.get('version')!r} (expected {_STATE_VERSION})"
             )
-        self.base_optimizer.load_state_dict(state_dict["base"])
+        if s.get("mode") != self.mode:
+            raise ValueError(
+                f"Invalid state_dict: mode {s.get('mode')!r} (this optimizer has "
+                f"mode={self.mode!r}; load a checkpoint of the same mode)"
+            )
+        dim = sum(p.numel() for p in self._trainable_params())
+        for key in ("eigenvectors", "bottom_vectors", "directions", "penalty_grad"):
+            value = s.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, Tensor) or value.dim() not in (1, 2):
+                raise ValueError(
+                    f"Invalid state_dict: {key} is a {type(value).__name__} (must be a tensor)"
+                )
+            if value.shape[0] != dim:
+                raise ValueError(
+                    f"Invalid state_dict: {key} of size {value.shape[0]} (this model has "
+                    f"{dim} trainable parameters; the checkpoint is of another model)"
+                )
+        try:
+            self.base_optimizer.load_state_dict(state_dict["base"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(
+                f"Invalid state_dict: its 'base' entry does not fit the base optimizer "
+                f"{type(self.base_optimizer).__name__} ({type(exc).__name__}: {exc})"
+            ) from exc
         device = self._device
         self.step_count = int(s["step_count"])
         self._deferred = bool(s.get("deferred", False))
@@ -992,14 +1363,21 @@ class SDOptimizer(torch.optim.Optimizer):
         ):
             self._penalty_batch = self.data.fixed
         self.history = [EstimateRecord.from_dict(r) for r in s["history"]]
-        self.data.restore(int(s.get("data_drawn", 0)))
+        self.data.restore(s.get("data_cursor") or {"drawn": int(s.get("data_drawn", 0))})
+        self.failures = {**dict.fromkeys(FAILURE_KINDS, 0), **dict(s.get("failures") or {})}
+        self.failure_events = [dict(e) for e in s.get("failure_events") or []]
+        self._warned_loggers = set()
+        self._last_draw = None
         self._spectrum = None
         self._sdopt_seconds = 0.0
         self._interval_start = None
 
     def close(self) -> None:
         """Close every logger that has a ``close()`` method."""
-        for lg in self.loggers:
+        for i, lg in enumerate(self.loggers):
             close = getattr(lg, "close", None)
             if callable(close):
-                close()
+                try:
+                    close()
+                except Exception as exc:  # one logger's failure never stops the others closing
+                    self._fail(self.step_count, "logger", exc, f"logger {i} close() failed: {exc}")

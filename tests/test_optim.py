@@ -351,7 +351,7 @@ def test_failed_estimate_is_skipped_and_training_goes_on() -> None:
         torch.optim.SGD(model.parameters(), lr=0.1),
         model=model,
         loss_fn=F.cross_entropy,
-        data=bad,
+        data=lambda: bad,  # a fixed batch this wrong is refused at construction
         every=1,
     )
     x, y = _data()
