@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Container
+from pathlib import Path
 from typing import Any
 
 
@@ -78,3 +80,57 @@ def check_choice(name: str, value: Any, choices: Container[Any]) -> Any:
         )
         raise ValueError(f"Invalid {name}: {_fmt(value)} (must be one of {options})")
     return value
+
+
+def check_finite(name: str, value: Any) -> float:
+    """A finite real number (any sign)."""
+    try:
+        ok = not isinstance(value, (bool, str)) and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"Invalid {name}: {_fmt(value)} (must be a finite number)")
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``True`` or ``False`` (not a truthy string or number)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {_fmt(value)} (must be True or False)")
+    return value
+
+
+def check_str(name: str, value: Any) -> str:
+    """A string (e.g. a key prefix; ``""`` allowed)."""
+    if not isinstance(value, str):
+        raise ValueError(f"Invalid {name}: {_fmt(value)} (must be a string)")
+    return value
+
+
+def check_output_path(name: str, value: Any) -> Path:
+    """A path a file can be created at: not a directory, and not under a file.
+
+    Missing parent directories are fine (writers create them); the nearest existing ancestor
+    must be a writable directory.
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, os.PathLike)) or str(value) == "":
+        raise ValueError(f"Invalid {name}: {_fmt(value)} (must be a file path, str or Path)")
+    path = Path(value)
+    if path.is_dir():
+        raise ValueError(f"Invalid {name}: {str(path)!r} (is a directory; must be a file path)")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(
+            f"Invalid {name}: {str(path)!r} (its ancestor {str(parent)!r} is a file, not a "
+            "directory)"
+        )
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"Invalid {name}: {str(path)!r} (the file is not writable)")
+    elif not os.access(parent, os.W_OK):
+        raise ValueError(
+            f"Invalid {name}: {str(path)!r} (directory {str(parent)!r} is not writable)"
+        )
+    return path

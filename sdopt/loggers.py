@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from sdopt._checks import check_int
+from sdopt._checks import check_bool, check_int, check_output_path, check_str
 from sdopt.records import EstimateRecord
 
 __all__ = ["CSVLogger", "ConsoleLogger", "JSONLLogger", "Logger", "WandbLogger", "is_rank_zero"]
@@ -89,7 +89,7 @@ class WandbLogger(Logger):
             raise ImportError('WandbLogger needs wandb: pip install "sdopt[wandb]"') from exc
         self._wandb = wandb
         self.prefix = prefix
-        self.commit = bool(commit)
+        self.commit = check_bool("commit", commit)
         self.init_kwargs = init_kwargs
         self._run: Any = None
         self._owns_run = False
@@ -141,9 +141,9 @@ class JSONLLogger(Logger):
     """
 
     def __init__(self, path: str | Path, *, prefix: str = "", append: bool = False) -> None:
-        self.path = Path(path)
-        self.prefix = prefix
-        self.append = append
+        self.path = check_output_path("path", path)
+        self.prefix = check_str("prefix", prefix)
+        self.append = check_bool("append", append)
         self._file: TextIO | None = None
 
     def _write(self, record: EstimateRecord) -> None:
@@ -173,8 +173,8 @@ class CSVLogger(Logger):
     """
 
     def __init__(self, path: str | Path, *, prefix: str = "") -> None:
-        self.path = Path(path)
-        self.prefix = prefix
+        self.path = check_output_path("path", path)
+        self.prefix = check_str("prefix", prefix)
         self._fields: list[str] = []
         self._file: TextIO | None = None
         self._writer: csv.DictWriter | None = None
@@ -236,6 +236,8 @@ class ConsoleLogger(Logger):
     """
 
     def __init__(self, stream: TextIO | None = None, *, every: int = 1) -> None:
+        if stream is not None and not callable(getattr(stream, "write", None)):
+            raise ValueError(f"Invalid stream: {stream!r} (must be None or a file-like object)")
         self.stream = stream
         self.every = check_int("every", every, minimum=1)
         self._count = 0

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from sdopt._checks import check_choice, check_int, check_positive
+from sdopt.spectrum.operators import as_operator
 
 __all__ = [
     "ALL_MEASURES",
@@ -102,6 +103,7 @@ def frobenius_norm(
         ``(estimate, standard error)`` (the error propagated through the square root).
     """
     num_probes = check_int("num_probes", num_probes, minimum=1)
+    op = as_operator(op)
     z = _rademacher(num_probes, op.dim, generator, torch.empty(0, dtype=op.dtype, device=op.device))
     hz = op.matmat(z)
     samples = (hz.to(torch.float64) ** 2).sum(0)
@@ -112,8 +114,16 @@ def frobenius_norm(
 
 
 def rds_sharpness(lambda_max: float, lambda_min: float, lr: float, *, eps: float = 0.0) -> float:
-    """``λ_1 = log σ_1(I − ηH)``: the largest of ``log(|1 − ηα| + ε)`` over the spectrum ends."""
-    return max(math.log(abs(1 - lr * lambda_max) + eps), math.log(abs(1 - lr * lambda_min) + eps))
+    """``λ_1 = log σ_1(I − ηH)``: the largest of ``log(|1 − ηα| + ε)`` over the spectrum ends
+    (``-inf`` when both are exactly 0)."""
+    lr = check_positive("lr", lr)
+    eps = check_positive("eps", eps, allow_zero=True)
+
+    def exponent(alpha: float) -> float:
+        x = abs(1 - lr * alpha) + eps
+        return math.log(x) if x > 0 else -math.inf
+
+    return max(exponent(lambda_max), exponent(lambda_min))
 
 
 # --------------------------------------------------------------------------- perturbation measures
@@ -133,6 +143,8 @@ def epsilon_sharpness(
     steps = check_int("steps", steps, minimum=1)
     w = f.flatten(f.params).detach()
     box = epsilon * (w.abs() + 1)
+    if step_size is not None:
+        step_size = check_positive("step_size", step_size)
     step = (step_size if step_size is not None else 2.5 / steps) * box
     base, grad = _grad_at(f, w)
     best = base
@@ -315,7 +327,7 @@ def compute_measures(
             the batches).
         lr: the learning rate ``η`` (for ``rds_sharpness``, ``gradient_noise_scale`` and
             ``sharpness_dimension``).
-        which: names from :data:`ALL_MEASURES`.
+        which: names from :data:`ALL_MEASURES` (a single name may be given as a string).
         generator: random source for probes, starts and samples (the global RNG is untouched).
         **options: ``num_probes`` (20), ``lanczos_tol`` (1e-4), ``epsilon`` (1e-3, ε-sharpness),
             ``rho`` (0.05), ``p`` (2 or ``"inf"``), ``ascent_steps`` (20), ``num_samples`` (20),
@@ -328,12 +340,24 @@ def compute_measures(
         ``{name: value}``; extra diagnostic keys carry ``_se`` (standard error) suffixes.
 
     Raises:
-        ValueError: for an unknown measure name or option.
+        ValueError: for an invalid argument, an unknown measure name or option, or an
+            option's invalid value (named as the option), before any computation.
     """
     lr = check_positive("lr", lr)
-    names = list(which)
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"Invalid model: {type(model).__name__} (must be a torch.nn.Module)")
+    if not callable(loss_fn):
+        raise ValueError(f"Invalid loss_fn: {loss_fn!r} (must be callable)")
+    from sdopt.curvature.functional import normalize_batches
+
+    batches = normalize_batches(data)
+    names = [which] if isinstance(which, str) else list(which)
+    if not names:
+        raise ValueError("Invalid which: [] (must name at least one measure)")
     for name in names:
         check_choice("which", name, ALL_MEASURES)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"Invalid generator: {generator!r} (must be a torch.Generator or None)")
     known = {
         "num_probes", "lanczos_tol", "epsilon", "rho", "p", "ascent_steps", "num_samples",
         "trajectory", "ph_alpha", "min_points", "max_points", "dataset_size", "batch_size",
@@ -342,10 +366,33 @@ def compute_measures(
     for key in options:
         if key not in known:
             raise ValueError(f"Invalid option: {key!r} (must be one of {sorted(known)})")
+    # every option checked under its own name before any work (a bad one must not surface
+    # later as another function's argument, or be silently rounded by int())
+    num_probes = check_int("num_probes", options.get("num_probes", 20), minimum=1)
+    tol = check_positive("lanczos_tol", options.get("lanczos_tol", 1e-4))
+    epsilon = check_positive("epsilon", options.get("epsilon", 1e-3))
+    rho = check_positive("rho", options.get("rho", 0.05))
+    p = options.get("p", 2)
+    if p not in (2, "inf", math.inf):
+        raise ValueError(f"Invalid p: {p!r} (must be 2 or 'inf')")
+    steps = check_int("ascent_steps", options.get("ascent_steps", 20), minimum=1)
+    num_samples = check_int("num_samples", options.get("num_samples", 20), minimum=1)
+    alpha = check_positive("ph_alpha", options.get("ph_alpha", 1.0))
+    min_points = check_int("min_points", options.get("min_points", 200), minimum=2)
+    max_points = check_int("max_points", options.get("max_points", 1000), minimum=min_points)
+    for key in ("dataset_size", "batch_size"):
+        if options.get(key) is not None:
+            check_int(key, options[key], minimum=1)
+    from sdopt.dimension.estimators import METHODS
+
+    sd_method = check_choice("sd_method", options.get("sd_method", "deflated"), METHODS)
+    sd_options = options.get("sd_options", {})
+    if not isinstance(sd_options, dict):
+        raise ValueError(f"Invalid sd_options: {sd_options!r} (must be a dict)")
+    eps = check_positive("eps", options.get("eps", 0.0), allow_zero=True)
     out: dict[str, float] = {}
     f = None
     op = None
-    eps = float(options.get("eps", 0.0))
 
     def functional() -> Any:
         nonlocal f
@@ -361,7 +408,6 @@ def compute_measures(
             op = HessianOperator(model, loss_fn, data)
         return op
 
-    tol = float(options.get("lanczos_tol", 1e-4))
     if "lambda_max" in names or "rds_sharpness" in names:
         from sdopt.spectrum import top_eigenpairs
 
@@ -372,7 +418,6 @@ def compute_measures(
         if "rds_sharpness" in names:
             bottom = top_eigenpairs(operator(), 1, which="SA", tol=tol, generator=generator)
             out["rds_sharpness"] = rds_sharpness(lam_max, float(bottom.eigenvalues[0]), lr, eps=eps)
-    num_probes = int(options.get("num_probes", 20))
     if "trace" in names:
         from sdopt.spectrum import hutchinson_trace
 
@@ -383,41 +428,34 @@ def compute_measures(
         out["frobenius"], out["frobenius_se"] = frobenius_norm(
             operator(), num_probes, generator=generator
         )
-    steps = int(options.get("ascent_steps", 20))
     if "eps_sharpness" in names:
-        out["eps_sharpness"] = epsilon_sharpness(
-            functional(), epsilon=float(options.get("epsilon", 1e-3)), steps=steps
-        )
+        out["eps_sharpness"] = epsilon_sharpness(functional(), epsilon=epsilon, steps=steps)
     for kind in ("avg", "max"):
         if f"adaptive_sharpness_{kind}" in names:
             out[f"adaptive_sharpness_{kind}"] = adaptive_sharpness(
                 functional(),
-                rho=float(options.get("rho", 0.05)),
-                p=options.get("p", 2),
+                rho=rho,
+                p=p,
                 kind=kind,
                 steps=steps,
-                num_samples=int(options.get("num_samples", 20)),
+                num_samples=num_samples,
                 generator=generator,
             )
     if "ph_dimension" in names or "mst_energy" in names:
         traj = options.get("trajectory")
         if traj is None:
             raise ValueError("Invalid trajectory: None (ph_dimension and mst_energy need one)")
-        alpha = float(options.get("ph_alpha", 1.0))
         if "mst_energy" in names:
             out["mst_energy"] = mst_energy(traj, alpha)
         if "ph_dimension" in names:
             out["ph_dimension"] = ph_dimension(
                 traj,
                 alpha=alpha,
-                min_points=int(options.get("min_points", 200)),
-                max_points=int(options.get("max_points", 1000)),
+                min_points=min_points,
+                max_points=max_points,
                 generator=generator,
             )
     if "gradient_noise_scale" in names or "simple_noise_scale" in names:
-        from sdopt.curvature.functional import normalize_batches
-
-        batches = normalize_batches(data)
         bsz = int(options.get("batch_size") or _batch_size(batches[0]))
         n = int(options.get("dataset_size") or bsz * len(batches))
         if "gradient_noise_scale" in names:
@@ -444,10 +482,10 @@ def compute_measures(
             loss_fn,
             data,
             lr,
-            method=options.get("sd_method", "deflated"),
+            method=sd_method,
             generator=generator,
             eps=eps,
-            **dict(options.get("sd_options", {})),
+            **sd_options,
         )
         out["sharpness_dimension"] = est.value
         out["sharpness_dimension_se"] = est.uncertainty

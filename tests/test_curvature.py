@@ -442,6 +442,73 @@ def test_fallback_disabled_raises():
         op.matvec(torch.ones(op.dim, dtype=DT))
 
 
+class _RaisingLoss:
+    """A user's loss_fn that raises its own RuntimeError, counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, outputs, targets):
+        self.calls += 1
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("mode", ["auto", "autotune", "reuse", "fwd-rev", "rev-rev", "linearize"])
+def test_error_raised_by_the_users_loss_fn_is_reraised_without_fallback(mode):
+    model, _, data = make_mlp()
+    loss_fn = _RaisingLoss()
+    op = HessianOperator(model, loss_fn, data, mode=mode)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match=r"^boom$"):
+            op.matvec(torch.ones(op.dim, dtype=DT))
+    assert not [w for w in caught if w.category is CurvatureFallbackWarning]
+    assert op.mode != "finite-difference"
+    # the failing product and the plain evaluations that tell the user's error from a mode's
+    # limitation (autotune checks once, the operator once more); no finite differences
+    assert loss_fn.calls <= 3
+
+
+def test_error_raised_by_the_users_loss_fn_is_reraised_by_ggn():
+    model, _, data = make_mlp()
+    op = GGNOperator(model, _RaisingLoss(), data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match=r"^boom$"):
+            op.matvec(torch.ones(op.dim, dtype=DT))
+    assert not [w for w in caught if w.category is CurvatureFallbackWarning]
+
+
+def test_error_in_the_models_forward_is_reraised_without_fallback():
+    model, loss_fn, (x, y) = make_mlp()
+    op = HessianOperator(model, loss_fn, (x[:, :3], y))  # 3 features for a 4-feature layer
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            op.matvec(torch.ones(op.dim, dtype=DT))
+    assert not [w for w in caught if w.category is CurvatureFallbackWarning]
+    assert op.mode == "reuse"
+
+
+def test_loss_fn_failing_only_under_a_transform_still_falls_back():
+    """The user's code is fine on a plain pass but not under torch.func: that is the mode's
+    limitation, so the fallback chain still applies."""
+    model, _, data = make_mlp()
+
+    def loss_fn(outputs, targets):
+        if torch._C._functorch.is_functorch_wrapped_tensor(outputs):
+            raise RuntimeError("not under a transform")
+        return F.cross_entropy(outputs, targets)
+
+    op = HessianOperator(model, loss_fn, data, mode="fwd-rev")
+    H = dense_hessian(make_functional_loss(model, F.cross_entropy, data))
+    v = torch.randn(op.dim, generator=_gen(29), dtype=DT)
+    with pytest.warns(CurvatureFallbackWarning, match="'fwd-rev' is not supported"):
+        out = op.matvec(v)
+    assert op.mode == "reuse"
+    assert torch.allclose(out, H @ v, atol=1e-10)
+
+
 # --------------------------------------------------------------------------- GGN
 def _dense_ggn(model, loss_fn, x, y):
     f = make_functional_loss(model, loss_fn, (x, y))

@@ -56,6 +56,7 @@ def normalize_batches(data: Any) -> list[Batch]:
 
     ``data`` is one ``(inputs, targets)`` batch (a pair whose second element is a tensor, or
     whose first element is a tensor) or an iterable of such pairs (a list, a ``DataLoader``).
+    A batch of no samples (inputs or targets with a zero first dimension) is rejected.
     """
     if data is None:
         raise ValueError(
@@ -63,6 +64,7 @@ def normalize_batches(data: Any) -> list[Batch]:
         )
     if _is_pair(data) and (isinstance(data[0], Tensor) or isinstance(data[1], Tensor)):
         if not (_is_pair(data[0]) and _is_pair(data[1])):
+            _check_not_empty(data, "data")
             return [(data[0], data[1])]
     if isinstance(data, Tensor):
         raise ValueError(
@@ -86,7 +88,32 @@ def normalize_batches(data: Any) -> list[Batch]:
                 f"Invalid data[{i}]: {type(batch).__name__} (each batch must be an "
                 "(inputs, targets) pair)"
             )
+        _check_not_empty(batch, f"data[{i}]" if len(batches) > 1 else "data")
     return [(b[0], b[1]) for b in batches]
+
+
+def _empty_shape(x: Any) -> tuple[int, ...] | None:
+    """The shape of ``x`` if it is a batch of no samples (a tensor with ``shape[0] == 0``, or a
+    tuple, list or mapping of tensors that all have one), else ``None``."""
+    if isinstance(x, Tensor):
+        return tuple(x.shape) if x.ndim >= 1 and x.shape[0] == 0 else None
+    values = list(x.values()) if isinstance(x, Mapping) else x
+    if isinstance(values, (tuple, list)):
+        tensors = [v for v in values if isinstance(v, Tensor)]
+        if tensors and all(_empty_shape(t) is not None for t in tensors):
+            return tuple(tensors[0].shape)
+    return None
+
+
+def _check_not_empty(batch: Any, name: str) -> None:
+    """An empty batch would make the mean loss NaN or 0 and the Hessian silently zero."""
+    for part, value in (("inputs", batch[0]), ("targets", batch[1])):
+        shape = _empty_shape(value)
+        if shape is not None:
+            raise ValueError(
+                f"Invalid {name}: an empty batch ({part} of shape {shape}; each batch needs at "
+                "least one sample)"
+            )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -18,7 +18,12 @@ from torch import Tensor, nn
 from sdopt._checks import check_choice, check_int
 from sdopt.curvature.distributed import average_across_ranks, resolve_distributed
 from sdopt.curvature.functional import FunctionalLoss, make_functional_loss
-from sdopt.curvature.products import ENGINES, ProductEngine, flat_gradient
+from sdopt.curvature.products import (
+    ENGINES,
+    ProductEngine,
+    flat_gradient,
+    plain_evaluation_error,
+)
 
 __all__ = ["MODES", "CurvatureFallbackWarning", "HessianOperator", "default_mode", "hvp"]
 
@@ -131,6 +136,10 @@ class CurvatureOperator:
             try:
                 out = call(x)
             except (RuntimeError, NotImplementedError) as error:
+                if plain_evaluation_error(self.functional) is not None:
+                    # the user's model or loss_fn raises on a plain evaluation too: the error
+                    # is theirs, not this mode's, and no other mode would avoid it
+                    raise
                 # a mode that fails rules out the modes sharing its AD machinery
                 if engine.name == "autotune":  # every candidate failed
                     self._failed_families.update(_FAMILIES.values())
@@ -324,7 +333,9 @@ class HessianOperator(CurvatureOperator):
             ``torch.distributed`` is initialised; ``True`` requires it; ``False`` never averages.
         fallback: when the first product fails because an op lacks double backward or
             forward-mode AD, warn (:class:`CurvatureFallbackWarning`) and switch mode
-            (``"reuse"`` → ``"fwd-rev"`` → ``"finite-difference"``).
+            (``"reuse"`` → ``"fwd-rev"`` → ``"finite-difference"``). An error that the
+            model or ``loss_fn`` raises on a plain forward and backward pass too is the
+            user's, not the mode's: it is re-raised as is, with no fallback.
         check_finite: reject non-finite vectors (``ValueError``) and raise
             ``FloatingPointError`` on a non-finite product.
 

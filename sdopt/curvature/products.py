@@ -30,7 +30,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from sdopt.curvature.functional import FunctionalLoss
 
-__all__ = ["ENGINES", "ProductEngine"]
+__all__ = ["ENGINES", "ProductEngine", "plain_evaluation_error"]
 
 
 def _leaves(params: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -329,6 +329,23 @@ def flat_gradient(
     return loss.detach(), f.flatten(g)
 
 
+def plain_evaluation_error(f: FunctionalLoss) -> Exception | None:
+    """The error a plain loss-and-gradient evaluation of ``f`` raises, or ``None``.
+
+    Plain means one forward pass and one ordinary backward pass: no ``torch.func`` transform,
+    no double backward, no forward-mode AD. A product that fails while this succeeds failed in
+    the product machinery (an op without a double-backward or forward-mode formula), which
+    another mode may avoid; a product that fails *with* it failed in the user's own code
+    (``model`` or ``loss_fn``), which no mode can avoid: that error is the user's to see.
+    Call inside ``f.evaluation()``.
+    """
+    try:
+        flat_gradient(f)
+    except Exception as error:  # any failure of the user's code counts
+        return error
+    return None
+
+
 class FiniteDifference(ProductEngine):
     """Central differences of the gradient: ``H v ≈ (g(θ + h v) − g(θ − h v)) / (2h)``.
 
@@ -405,7 +422,10 @@ class Autotune(ProductEngine):
             try:
                 out = engine.matvec(v)
             except (RuntimeError, NotImplementedError) as error:
-                self.errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+                if plain_evaluation_error(self.f) is not None:
+                    raise  # the user's model or loss_fn fails: no candidate can do better
+                first = (str(error).splitlines() or [""])[0]
+                self.errors[name] = f"{type(error).__name__}: {first}"
                 engine.release()
                 del self._engines[name]
                 self._pending.pop(0)

@@ -181,6 +181,13 @@ def adam_preconditioner(
             optimizer has no Adam state at all.
     """
     check_choice("missing", missing, ("raise", "frozen"))
+    if not isinstance(getattr(optimizer, "param_groups", None), list) or not hasattr(
+        optimizer, "state"
+    ):
+        raise ValueError(
+            f"Invalid optimizer: {type(optimizer).__name__} (must be a torch.optim.Adam or AdamW, "
+            "or an optimizer with param_groups and state)"
+        )
     group_of: dict[int, dict[str, Any]] = {}
     ordered: list[torch.Tensor] = []
     for group in optimizer.param_groups:
@@ -231,6 +238,13 @@ def preconditioned_operator(op: Any, preconditioner: torch.Tensor) -> Any:
         A :class:`sdopt.spectrum.LinearOperator` (or a dense tensor for a dense input).
     """
     if isinstance(op, torch.Tensor):
+        from sdopt.spectrum.operators import check_preconditioner
+
+        if op.ndim != 2 or op.shape[0] != op.shape[1]:
+            raise ValueError(
+                f"Invalid op: tensor of shape {tuple(op.shape)} (must be square (n, n))"
+            )
+        check_preconditioner(preconditioner, op.shape[0])
         d = preconditioner.to(op) ** -0.5
         return d[:, None] * op * d[None, :]
     from sdopt.spectrum import preconditioned

@@ -42,18 +42,36 @@ __all__ = [
 
 
 def as_float64(values: Any, name: str) -> torch.Tensor:
-    """Convert a tensor, array, list or scalar sequence to a detached CPU float64 tensor."""
+    """Convert a tensor, array, list or scalar sequence to a detached CPU float64 tensor.
+
+    Complex input is rejected, never cast: the Hessian is symmetric, so its eigenvalues are
+    real (use ``torch.linalg.eigvalsh``), and dropping imaginary parts would silently change
+    the exponents.
+    """
     if isinstance(values, torch.Tensor):
+        if values.is_complex():
+            raise ValueError(
+                f"Invalid {name}: a tensor of dtype {values.dtype} (must be real; the "
+                "eigenvalues of a symmetric matrix are real: use torch.linalg.eigvalsh, or "
+                ".real if the imaginary parts are zero)"
+            )
         out = values.detach().to(device="cpu", dtype=torch.float64)
     else:
         try:
-            out = torch.as_tensor(np.asarray(values, dtype=np.float64))
+            array = np.asarray(values)
+            complex_input = np.iscomplexobj(array)
+            if not complex_input:
+                out = torch.as_tensor(array.astype(np.float64))
         except (TypeError, ValueError):
             raise ValueError(
-                f"Invalid {name}: {values!r} (must be a tensor, array or list of numbers)"
+                f"Invalid {name}: {values!r} (must be a tensor, array or list of real numbers)"
             ) from None
-    if out.is_complex():
-        raise ValueError(f"Invalid {name}: complex values (must be real)")
+        if complex_input:
+            raise ValueError(
+                f"Invalid {name}: complex values of dtype {array.dtype} (must be real; the "
+                "eigenvalues of a symmetric matrix are real: use numpy.linalg.eigvalsh, or "
+                ".real if the imaginary parts are zero)"
+            )
     return out
 
 
@@ -120,9 +138,31 @@ def weighted_kaplan_yorke(exponents: torch.Tensor, weights: torch.Tensor) -> flo
 
     Returns:
         A float in ``[0, Σ w]``.
+
+    Raises:
+        ValueError: ``exponents`` or ``weights`` are not 1-D real arrays of the same length,
+            ``weights`` contain a negative, NaN or infinite entry or no positive one, or an
+            exponent with positive weight is NaN or ``+inf``.
     """
-    z = exponents.to(torch.float64)
-    w = weights.to(torch.float64)
+    z = as_float64(exponents, "exponents")
+    w = as_float64(weights, "weights")
+    if z.ndim != 1:
+        raise ValueError(f"Invalid exponents: shape {tuple(z.shape)} (must be 1-D)")
+    if w.shape != z.shape:
+        raise ValueError(
+            f"Invalid weights: shape {tuple(w.shape)} (must match exponents, {tuple(z.shape)})"
+        )
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("Invalid weights: contains a negative, NaN or infinite weight")
+    if not bool((w > 0).any()):
+        raise ValueError("Invalid weights: no positive weight (need at least one)")
+    return weighted_kaplan_yorke_unchecked(z, w)
+
+
+def weighted_kaplan_yorke_unchecked(z: torch.Tensor, w: torch.Tensor) -> float:
+    """:func:`weighted_kaplan_yorke` on float64 tensors without argument checks (hot loops)."""
+    z = z.to(torch.float64)
+    w = w.to(torch.float64)
     keep = w > 0
     z, w = z[keep], w[keep]
     _check_exponents(z, "exponents")

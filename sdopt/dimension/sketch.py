@@ -31,7 +31,7 @@ import torch
 
 from sdopt._checks import check_choice, check_in_range, check_positive
 from sdopt.dimension.exponents import EXPONENT_MAPS, exponent_multiplicity, exponents_unchecked
-from sdopt.dimension.kaplan_yorke import weighted_kaplan_yorke
+from sdopt.dimension.kaplan_yorke import weighted_kaplan_yorke_unchecked as weighted_kaplan_yorke
 
 __all__ = ["SpectrumSketch", "sd_from_spectrum"]
 

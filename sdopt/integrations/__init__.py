@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["find_sd_optimizers"]
+__all__ = ["check_loggers", "find_sd_optimizers"]
 
 
 def find_sd_optimizers(optimizers: Iterable[Any]) -> list[Any]:
@@ -28,3 +28,18 @@ def find_sd_optimizers(optimizers: Iterable[Any]) -> list[Any]:
         if isinstance(opt, SDOptimizer):
             found.append(opt)
     return found
+
+
+def check_loggers(loggers: Any, method: str = "log") -> list[Any]:
+    """``loggers`` as a list, each with a callable ``method``; ``ValueError`` naming the bad one."""
+    if isinstance(loggers, (str, bytes)) or not isinstance(loggers, Iterable):
+        raise ValueError(
+            f"Invalid loggers: {loggers!r} (must be a list of loggers, objects with .{method}())"
+        )
+    out = list(loggers)
+    for i, logger in enumerate(out):
+        if not callable(getattr(logger, method, None)):
+            raise ValueError(
+                f"Invalid loggers[{i}]: {type(logger).__name__} (has no callable .{method}())"
+            )
+    return out

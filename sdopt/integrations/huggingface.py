@@ -26,7 +26,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sdopt.integrations import find_sd_optimizers
+from sdopt._checks import check_str
+from sdopt.integrations import check_loggers, find_sd_optimizers
 
 try:
     from transformers import TrainerCallback
@@ -46,13 +47,22 @@ class SharpnessDimensionTrainerCallback(TrainerCallback):
         prefix: Key prefix of the entries added to ``state.log_history``.
         optimizer: The SDOptimizer to watch; found from the callback's ``optimizer`` argument
             when ``None``.
+
+    Raises:
+        ValueError: a logger without ``log()``, a non-string ``prefix``, or an ``optimizer``
+            that is not (and does not wrap) an SDOptimizer.
     """
 
     def __init__(
         self, loggers: Sequence[Any] = (), *, prefix: str = "sdopt/", optimizer: Any = None
     ) -> None:
-        self.loggers = list(loggers)
-        self.prefix = prefix
+        self.loggers = check_loggers(loggers)
+        self.prefix = check_str("prefix", prefix)
+        if optimizer is not None and not find_sd_optimizers([optimizer]):
+            raise ValueError(
+                f"Invalid optimizer: {type(optimizer).__name__} (must be an sdopt.SDOptimizer, "
+                "or a wrapper holding one in .optimizer; None finds it from the Trainer)"
+            )
         self.optimizer = optimizer
         self._last = -1
 

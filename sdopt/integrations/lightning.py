@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sdopt._checks import check_bool, check_str
 from sdopt.integrations import find_sd_optimizers
 
 try:  # lightning 2.x ships as ``lightning``; older installs as ``pytorch_lightning``
@@ -47,12 +48,15 @@ class SharpnessDimensionCallback(Callback):
     Args:
         prefix: Key prefix of the logged metrics.
         log_skipped: Also log records of skipped estimates (their numeric fields are NaN).
+
+    Raises:
+        ValueError: a non-string ``prefix`` or a non-bool ``log_skipped``.
     """
 
     def __init__(self, prefix: str = "sdopt/", *, log_skipped: bool = True) -> None:
         super().__init__()
-        self.prefix = prefix
-        self.log_skipped = log_skipped
+        self.prefix = check_str("prefix", prefix)
+        self.log_skipped = check_bool("log_skipped", log_skipped)
         self._seen: dict[int, int] = {}
 
     def on_train_batch_end(

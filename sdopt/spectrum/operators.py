@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdopt._checks import check_positive
+from sdopt._checks import check_finite, check_positive
 
 __all__ = [
     "LinearOperator",
@@ -195,7 +195,7 @@ def as_operator(op: Any) -> LinearOperator:
 def shifted(op: Any, sigma: float) -> LinearOperator:
     """``A + sigma I`` (one product of ``A`` per column)."""
     base = as_operator(op)
-    sigma = float(sigma)
+    sigma = check_finite("sigma", sigma)
     return LinearOperator(
         base.dim,
         lambda V: base.matmat(V) + sigma * V,
@@ -208,7 +208,7 @@ def shifted(op: Any, sigma: float) -> LinearOperator:
 def scaled(op: Any, c: float) -> LinearOperator:
     """``c A`` (one product of ``A`` per column)."""
     base = as_operator(op)
-    c = float(c)
+    c = check_finite("c", c)
     return LinearOperator(
         base.dim, lambda V: c * base.matmat(V), dtype=base.dtype, device=base.device, source=base
     )
@@ -259,17 +259,7 @@ def preconditioned(op: Any, preconditioner: Tensor) -> LinearOperator:
     moved), whose row and column of the result are zero.
     """
     base = as_operator(op)
-    if (
-        not isinstance(preconditioner, Tensor)
-        or preconditioner.shape != (base.dim,)
-        or torch.isnan(preconditioner).any()
-        or not (preconditioner > 0).all()
-    ):
-        shape = tuple(getattr(preconditioner, "shape", ()))
-        raise ValueError(
-            f"Invalid preconditioner: shape {shape} (must be a tensor of shape ({base.dim},) "
-            "with entries > 0; inf marks a frozen coordinate)"
-        )
+    check_preconditioner(preconditioner, base.dim)
     d = preconditioner.to(dtype=base.dtype, device=base.device).rsqrt()[:, None]
     return LinearOperator(
         base.dim,
@@ -278,6 +268,27 @@ def preconditioned(op: Any, preconditioner: Tensor) -> LinearOperator:
         device=base.device,
         source=base,
     )
+
+
+def check_preconditioner(preconditioner: Any, dim: int) -> Tensor:
+    """A real tensor of shape ``(dim,)`` with entries ``> 0`` (``inf`` allowed, NaN not)."""
+    if (
+        not isinstance(preconditioner, Tensor)
+        or preconditioner.is_complex()
+        or preconditioner.shape != (dim,)
+        or torch.isnan(preconditioner).any()
+        or not (preconditioner > 0).all()
+    ):
+        what = (
+            f"shape {tuple(preconditioner.shape)}"
+            if isinstance(preconditioner, Tensor)
+            else type(preconditioner).__name__
+        )
+        raise ValueError(
+            f"Invalid preconditioner: {what} (must be a real tensor of shape ({dim},) with "
+            "entries > 0; inf marks a frozen coordinate)"
+        )
+    return preconditioner
 
 
 def _check_basis(vectors: Tensor, base: LinearOperator, name: str) -> Tensor:
