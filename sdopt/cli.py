@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import signal
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -187,10 +191,16 @@ def _add_run_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
     g.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
     )
+    existing = g.add_mutually_exclusive_group() if not sweep else g
     if not sweep:
-        g.add_argument(
+        existing.add_argument(
             "--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists"
         )
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run files already in OUT (without it, an existing run is refused)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,18 +259,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# SDOptimizer keywords that other flags set: --sd-option refuses them and names the flag
+_SD_RESERVED = {
+    "base_optimizer": "--optimizer",
+    "model": "--model",
+    "loss_fn": "the task (cross-entropy)",
+    "data": "the task (the training split)",
+    "mode": "--mode",
+    "every": "--every",
+    "k": "--k",
+    "loggers": "--wandb",
+}
+_SD_FLAGS = {"target_sd": "--target-sd", "penalty_strength": "--penalty-strength"}
+
+
+def _sd_keywords() -> list[str]:
+    """The keyword arguments of :class:`sdopt.SDOptimizer` that ``--sd-option`` may set."""
+    import inspect
+
+    from sdopt.optim import SDOptimizer
+
+    names = inspect.signature(SDOptimizer.__init__).parameters
+    return sorted(n for n in names if n != "self" and n not in _SD_RESERVED)
+
+
 def _sd_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {}
+    given: dict[str, str] = {}  # key -> how it was given, for the duplicate message
     if args.target_sd is not None:
         options["target_sd"] = args.target_sd
+        given["target_sd"] = f"--target-sd {args.target_sd}"
     if args.penalty_strength is not None:
         options["penalty_strength"] = args.penalty_strength
+        given["penalty_strength"] = f"--penalty-strength {args.penalty_strength}"
+    allowed = None
     for item in args.sd_option:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
             raise ValueError(
                 f"Invalid --sd-option: {item!r} (must be KEY=JSON, e.g. penalty_every=8)"
             )
+        if key in _SD_RESERVED:
+            raise ValueError(
+                f"Invalid --sd-option: {item!r} ({key} is set by {_SD_RESERVED[key]}, "
+                "not by --sd-option)"
+            )
+        if allowed is None:
+            allowed = _sd_keywords()
+        if key not in allowed:
+            raise ValueError(
+                f"Invalid --sd-option: {item!r} (unknown SDOptimizer keyword {key!r}; "
+                f"known: {', '.join(allowed)})"
+            )
+        if key in given:
+            raise ValueError(
+                f"Invalid --sd-option: {item!r} ({key} is already given by {given[key]!r}; "
+                "give each key once)"
+            )
+        given[key] = f"--sd-option {item}"
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -315,10 +371,41 @@ def config_from_args(
     try:
         return config.validate()
     except ValueError as exc:  # name the flag, not the config field
-        message = str(exc)
-        for field_name, flag in _FIELD_FLAGS.items():
-            message = message.replace(f"Invalid {field_name}:", f"Invalid {flag}:")
-        raise ValueError(message) from None
+        raise ValueError(_flag_message(str(exc))) from None
+
+
+def _flag_message(message: str, args: argparse.Namespace | None = None) -> str:
+    """Rewrite ``Invalid <field>:`` of a config/SDOptimizer error as ``Invalid <flag>:``.
+
+    With ``args`` (errors raised by the training run), SDOptimizer keywords come first: named
+    by the flag that gave them (``--target-sd``, ``--penalty-strength`` or ``--sd-option KEY``).
+    """
+    if args is not None:
+        for key, flag in _sd_option_flags(args).items():
+            pattern = rf"^Invalid {re.escape(key)}(?=[:.\[ ])"
+            if re.match(pattern, message):
+                return re.sub(pattern, f"Invalid {flag}", message)
+    for field_name, flag in _FIELD_FLAGS.items():
+        message = message.replace(f"Invalid {field_name}:", f"Invalid {flag}:")
+    if message.startswith("Invalid resume:"):
+        message = "Invalid --resume:" + message[len("Invalid resume:") :]
+        match = re.match(r"Invalid --resume: (\w+)=", message)
+        if match and match.group(1) in _RESUME_FLAGS:
+            name = match.group(1)
+            message = message.replace(f" {name}=", f" {_RESUME_FLAGS[name]}=", 1)
+    return message
+
+
+def _sd_option_flags(args: argparse.Namespace) -> dict[str, str]:
+    """SDOptimizer keyword -> the flag that set it."""
+    flags = {}
+    for key, flag in _SD_FLAGS.items():
+        if getattr(args, key, None) is not None:
+            flags[key] = flag
+    for item in args.sd_option:
+        key = item.partition("=")[0]
+        flags.setdefault(key, f"--sd-option {key}")
+    return flags
 
 
 _FIELD_FLAGS = {
@@ -338,6 +425,20 @@ _FIELD_FLAGS = {
     "momentum": "--momentum",
     "seed": "--seed",
     "threads": "--threads",
+    "width": "--width",
+}
+# config fields that a resumed run must keep, and their flags
+_RESUME_FLAGS = {
+    **_FIELD_FLAGS,
+    "operation": "--operation",
+    "model": "--model",
+    "model_kwargs": "--width",
+    "optimizer": "--optimizer",
+    "sd_mode": "--mode",
+    "sd_options": "--sd-option",
+    "dtype": "--dtype",
+    "metrics_format": "--format",
+    "wandb_project": "--wandb-project",
 }
 
 
@@ -369,11 +470,91 @@ def _print_summary(summary: dict[str, Any], out: str) -> None:
     print("\n".join(lines))
 
 
+# what `sdopt grok` writes into --out: a directory holding any of these holds a run
+RUN_FILES = (
+    "checkpoint.pt",
+    "metrics.csv",
+    "metrics.jsonl",
+    "summary.json",
+    "sdopt_records.jsonl",
+)
+_REPLACED_FILES = (*RUN_FILES, "grokking.png", "checkpoint.tmp")
+SWEEP_FILES = ("sweep.csv", "sweep.md", "wandb_sweep.yaml")
+
+
+def _writable_dir(path: Path, flag: str = "--out") -> None:
+    """Create ``path`` (and parents) and check a file can be written there; else ``ValueError``."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"Invalid {flag}: {str(path)!r} is a file, not a directory")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(
+                    f"Invalid {flag}: {str(path)!r} is under the file {str(parent)!r}, "
+                    "not a directory"
+                )
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ValueError(f"Invalid {flag}: {str(path)!r} cannot be created ({reason})") from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ValueError(f"Invalid {flag}: {str(path)!r} is not writable ({reason})") from None
+
+
+def _existing_run(path: Path, names: Sequence[str] = RUN_FILES) -> list[str]:
+    return [name for name in names if (path / name).exists()]
+
+
+def _refuse_or_replace(
+    runs: Sequence[Path], args: argparse.Namespace, command: str, *, sweep: Path | None = None
+) -> None:
+    """Refuse to write over a run unless ``--resume`` or ``--overwrite`` says so.
+
+    ``runs`` are run directories (``RUN_FILES``), ``sweep`` the directory of a sweep's tables
+    (``SWEEP_FILES``). With ``--overwrite`` those files are deleted first (nothing else is).
+    """
+    held = [(path, _existing_run(path), _REPLACED_FILES) for path in runs]
+    if sweep is not None:
+        held.append((sweep, _existing_run(sweep, SWEEP_FILES), SWEEP_FILES))
+    held = [item for item in held if item[1]]
+    if not held:
+        return
+    if args.overwrite:
+        for path, _, names in held:
+            for name in names:
+                (path / name).unlink(missing_ok=True)
+        where = ", ".join(str(path) for path, _, _ in held[:3]) + (", ..." if len(held) > 3 else "")
+        print(f"sdopt {command}: --overwrite: replaced the run files in {where}", file=sys.stderr)
+        return
+    if getattr(args, "resume", False):
+        return
+    path, found, _ = held[0]
+    choices = "replace it with --overwrite"
+    if hasattr(args, "resume"):
+        choices = "continue it with --resume, " + choices
+    raise ValueError(
+        f"Invalid --out: {str(path)!r} already holds a run ({', '.join(found)}); "
+        f"{choices}, or choose another --out"
+    )
+
+
 def _run_grok(args: argparse.Namespace) -> int:
     from sdopt.train import train
 
     config = config_from_args(args)
-    result = train(config)
+    out = Path(config.out_dir)
+    _writable_dir(out)
+    _refuse_or_replace([out], args, "grok")
+    try:
+        result = train(config)
+    except ValueError as exc:
+        raise ValueError(_flag_message(str(exc), args)) from None
     _print_summary(result.summary, str(config.out_dir))
     return 1 if result.summary["diverged"] else 0
 
@@ -401,39 +582,113 @@ def _run_sweep(args: argparse.Namespace) -> int:
                         out=str(Path(args.out) / name),
                     )
                 )
-    table = run_sweep(configs, Path(args.out))
+    out = Path(args.out)
+    _writable_dir(out)
+    for config in configs:
+        _writable_dir(Path(config.out_dir))
+    _refuse_or_replace([Path(c.out_dir) for c in configs], args, args.command, sweep=out)
+    try:
+        table = run_sweep(configs, out)
+    except ValueError as exc:
+        raise ValueError(_flag_message(str(exc), args)) from None
     print(table.markdown)
     print(f"wrote {args.out}/sweep.csv, sweep.md, wandb_sweep.yaml")
     return 0
 
 
+class _Interrupts:
+    """SIGINT and SIGTERM while a command runs: the first raises ``KeyboardInterrupt``.
+
+    :func:`sdopt.train.train` saves a checkpoint on ``KeyboardInterrupt``, so SIGTERM (a job
+    scheduler, ``kill``) saves one like Ctrl-C. A second signal exits at once with status
+    128 + signal and one line on stderr; the checkpoint on disk is the last complete one (saves
+    are atomic). Run as the program (``keep``), the second-signal handler stays installed until
+    the process ends, so a second Ctrl-C during shutdown exits quietly too.
+    """
+
+    SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None)) if s is not None)
+
+    def __init__(self, command: str, *, keep: bool = False) -> None:
+        self.command = command
+        self.keep = keep
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupts:
+        try:
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._first)
+        except ValueError:  # not the main thread: leave the handlers alone
+            self._restore()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not (self.keep and self.signum is not None):
+            self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old.clear()
+
+    def _first(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._again)
+        raise KeyboardInterrupt
+
+    def _again(self, signum: int, frame: Any) -> None:
+        print(
+            f"\nsdopt {self.command}: interrupted again: exiting now "
+            "(the last complete checkpoint is kept)",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sdopt`` console script and ``python -m sdopt``; returns the exit code."""
+    """Entry point of the ``sdopt`` console script and ``python -m sdopt``; returns the exit code.
+
+    Every invalid flag value, an unusable ``--out`` and an unreadable checkpoint exit with
+    status 2 and one line naming the flag. SIGINT (Ctrl-C) and SIGTERM save a checkpoint and
+    exit with 130 / 143; a second signal exits at once.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     started = time.perf_counter()
+    interrupts = _Interrupts(args.command, keep=argv is None)
     try:
-        if args.command == "study":
-            from sdopt.studies.cli import run_study
+        with interrupts:
+            if args.command == "study":
+                from sdopt.studies.cli import run_study
 
-            code = run_study(args)
-        elif args.command == "grok" and not args.grid:
-            code = _run_grok(args)
-        else:
-            code = _run_sweep(args)
-    except ValueError as exc:
+                code = run_study(args)
+            elif args.command == "grok" and not args.grid:
+                code = _run_grok(args)
+            else:
+                code = _run_sweep(args)
+    except (ValueError, ImportError) as exc:
+        print(f"sdopt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the disk filled up while writing into --out
         print(f"sdopt {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        signum = interrupts.signum if interrupts.signum is not None else signal.SIGINT
+        name = (
+            "terminated (SIGTERM)" if signum == getattr(signal, "SIGTERM", None) else "interrupted"
+        )
         print(
-            f"sdopt {args.command}: interrupted after {time.perf_counter() - started:.0f} s "
-            "(continue with --resume)",
+            f"sdopt {args.command}: {name} after {time.perf_counter() - started:.0f} s "
+            "(checkpoint saved; continue with --resume)",
             file=sys.stderr,
         )
-        return 130
+        return 128 + int(signum)
     return code
 
 

@@ -26,8 +26,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import pickle
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -49,6 +51,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "build_optimizer",
+    "load_checkpoint",
     "train",
 ]
 
@@ -435,6 +438,94 @@ def _first_step(rows: list[dict[str, Any]], key: str, threshold: float) -> int |
     return None
 
 
+_CHECKPOINT_KEYS = (
+    "version",
+    "step",
+    "config",
+    "model",
+    "optimizer",
+    "grokfast",
+    "rng",
+    "metrics",
+    "elapsed_seconds",
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line (first sentence) of an exception's message, for one-line errors."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0].split(". ")[0].rstrip(".")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`train` without running any code from it.
+
+    The file is read with ``torch.load(..., weights_only=True)``: tensors and plain containers
+    only, so a planted pickle cannot execute anything. Every failure is a one-line
+    ``ValueError`` naming the file: missing, empty, truncated or corrupt, holding other objects
+    (refused), or a PyTorch file that is not an ``sdopt grok`` checkpoint.
+
+    Args:
+        path: The ``checkpoint.pt`` file.
+
+    Returns:
+        The checkpoint's dict (keys ``version``, ``step``, ``config``, ``model``,
+        ``optimizer``, ``grokfast``, ``rng``, ``metrics``, ``elapsed_seconds``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Invalid resume: {path} is not a file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"Invalid resume: {path} is empty (0 bytes): not a checkpoint")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4" of a foreign file
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        detail = next(
+            (
+                line.strip()
+                for line in text.splitlines()
+                if "GLOBAL" in line or "Unsupported" in line
+            ),
+            "",
+        )
+        if detail or text.startswith("Weights only load failed"):
+            raise ValueError(
+                f"Invalid resume: {path} holds objects other than tensors and plain data "
+                f"(refused, loading it could run code{': ' + detail if detail else ''})"
+            ) from None
+        raise ValueError(
+            f"Invalid resume: {path} is corrupt or not a PyTorch checkpoint ({_first_line(exc)})"
+        ) from None
+    except Exception as exc:  # truncated zip, random bytes, ...
+        raise ValueError(
+            f"Invalid resume: {path} is truncated, corrupt or not a PyTorch checkpoint "
+            f"({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(
+            f"Invalid resume: {path} is not an sdopt grok checkpoint (holds a "
+            f"{type(ckpt).__name__}, not a dict)"
+        )
+    missing = [key for key in _CHECKPOINT_KEYS if key not in ckpt]
+    if missing:
+        raise ValueError(
+            f"Invalid resume: {path} is not an sdopt grok checkpoint (missing keys {missing})"
+        )
+    if ckpt["version"] != _CHECKPOINT_VERSION:
+        raise ValueError(
+            f"Invalid resume: {path} has checkpoint version {ckpt['version']!r} "
+            f"(this sdopt reads version {_CHECKPOINT_VERSION})"
+        )
+    if not isinstance(ckpt["step"], int) or ckpt["step"] < 0:
+        raise ValueError(f"Invalid resume: {path} has step {ckpt['step']!r} (must be an int >= 0)")
+    return ckpt
+
+
 def _rng_state(generator: torch.Generator) -> dict[str, Tensor]:
     return {"torch": torch.get_rng_state(), "batch": generator.get_state()}
 
@@ -598,8 +689,14 @@ def train(
     elapsed_before = 0.0
     rows: list[dict[str, Any]] = []
     if config.resume and checkpoint_path is not None and checkpoint_path.exists():
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        saved = TrainConfig.from_dict(ckpt["config"])
+        ckpt = load_checkpoint(checkpoint_path)
+        try:
+            saved = TrainConfig.from_dict(ckpt["config"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"Invalid resume: {checkpoint_path} is not an sdopt grok checkpoint "
+                f"(its config does not load: {_first_line(exc)})"
+            ) from None
         for f in fields(TrainConfig):
             if f.name in _RESUMABLE_CHANGES:
                 continue
@@ -612,17 +709,30 @@ def train(
             raise ValueError(
                 f"Invalid steps: {config.steps} (the checkpoint is already at step {ckpt['step']})"
             )
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if grokfast is not None:
-            grokfast.load_state_dict(ckpt["grokfast"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        batch_generator.set_state(ckpt["rng"]["batch"])
-        start_step = int(ckpt["step"])
-        elapsed_before = float(ckpt["elapsed_seconds"])
-        rows = list(ckpt["metrics"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if grokfast is not None:
+                grokfast.load_state_dict(ckpt["grokfast"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            batch_generator.set_state(ckpt["rng"]["batch"])
+            start_step = int(ckpt["step"])
+            elapsed_before = float(ckpt["elapsed_seconds"])
+            rows = [dict(row) for row in ckpt["metrics"]]
+        except (RuntimeError, KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(
+                f"Invalid resume: {checkpoint_path} does not fit this run "
+                f"({type(exc).__name__}: {_first_line(exc)})"
+            ) from None
         if rows and rows[-1]["step"] == start_step and start_step % config.eval_every:
             rows.pop()  # the closing evaluation of a shorter run: not on this run's schedule
+        print(
+            f"sdopt: resumed from step {start_step} of {checkpoint_path} (to step {config.steps})",
+            file=sys.stderr,
+            flush=True,
+        )
+    elif config.resume and checkpoint_path is not None:
+        print(f"sdopt: no checkpoint at {checkpoint_path}: starting at step 0", file=sys.stderr)
 
     writer = None
     if out_dir is not None:
@@ -679,8 +789,12 @@ def train(
             "elapsed_seconds": elapsed(),
         }
         tmp = checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(checkpoint_path)
+        try:
+            torch.save(state, tmp)
+            tmp.replace(checkpoint_path)  # atomic: an interrupted save keeps the last checkpoint
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def postfix(row: dict[str, Any]) -> dict[str, str]:
         out = {"train": f"{row['train_accuracy']:.3f}", "val": f"{row['val_accuracy']:.3f}"}
