@@ -39,6 +39,7 @@ from sdopt.measures import (
     gradient_noise_scale,
     mst_energy,
     ph_dimension,
+    rds_sharpness,
 )
 from sdopt.spectrum import (
     LinearOperator,
@@ -79,6 +80,16 @@ def density():
     return stochastic_lanczos_quadrature(A, 2, 3)
 
 
+class DuckOperator:
+    """An object that looks like an operator but whose ``dim`` is not an integer."""
+
+    def __init__(self, dim: Any) -> None:
+        self.dim = dim
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return V
+
+
 def sgd_without_state() -> torch.optim.Optimizer:
     return torch.optim.SGD(model().parameters(), lr=0.1)
 
@@ -108,6 +119,8 @@ CASES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("hessian-empty-batch", lambda t: HessianOperator(model(), F.mse_loss, (X[:0], Y[:0])), "Invalid data: an empty batch"),
     ("hessian-empty-batch-in-list", lambda t: HessianOperator(model(), F.mse_loss, [DATA, (X[:0], Y[:0])]), r"Invalid data\[1\]: an empty batch"),
     ("hessian-empty-targets", lambda t: HessianOperator(model(), F.mse_loss, (X, Y[:0])), "Invalid data: an empty batch"),
+    ("hessian-empty-tuple-inputs", lambda t: HessianOperator(model(), F.mse_loss, ((X[:0], X[:0]), Y[:0])), "Invalid data: an empty batch"),
+    ("hessian-empty-mapping-inputs", lambda t: HessianOperator(model(), F.mse_loss, ({"input": X[:0]}, Y)), "Invalid data: an empty batch"),
     ("hessian-mode", lambda t: op(mode="exact"), "Invalid mode"),
     ("hessian-chunk-size-zero", lambda t: op(chunk_size=0), "Invalid chunk_size"),
     ("hessian-chunk-size-float", lambda t: op(chunk_size=2.5), "Invalid chunk_size"),
@@ -116,6 +129,7 @@ CASES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("hessian-check-finite-none", lambda t: op(check_finite=None), "Invalid check_finite"),
     ("hessian-dropout", lambda t: op(dropout="on"), "Invalid dropout"),
     ("hessian-dropout-seed", lambda t: op(dropout_seed=1.5), "Invalid dropout_seed"),
+    ("hessian-dropout-seed-bool", lambda t: op(dropout_seed=True), "Invalid dropout_seed"),
     ("hessian-distributed-str", lambda t: op(distributed="yes"), "Invalid distributed"),
     ("hessian-distributed-uninitialised", lambda t: op(distributed=True), "Invalid distributed"),
     ("hessian-no-trainable-params", lambda t: HessianOperator(model().requires_grad_(False), F.mse_loss, DATA), "Invalid model"),
@@ -136,6 +150,7 @@ CASES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("ggn-mode", lambda t: GGNOperator(model(), F.mse_loss, DATA, mode="rev-rev"), "Invalid mode"),
     ("ggn-vectorize", lambda t: GGNOperator(model(), F.mse_loss, DATA, vectorize=True), "Invalid vectorize"),
     ("ggn-chunk-size", lambda t: GGNOperator(model(), F.mse_loss, DATA, chunk_size=2), "Invalid chunk_size"),
+    ("ggn-loss-fn-not-callable", lambda t: GGNOperator(model(), None, DATA), "Invalid loss_fn"),
     ("ggn-empty-batch", lambda t: GGNOperator(model(), F.mse_loss, (X[:0], Y[:0])), "Invalid data"),
     # ---------------------------------------------------------------- top_eigenpairs
     ("top-k-zero", lambda t: top_eigenpairs(A, 0), "Invalid k"),
@@ -167,6 +182,7 @@ CASES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("top-op-int", lambda t: top_eigenpairs(torch.eye(3, dtype=torch.int64), 1), "Invalid op"),
     ("top-op-complex", lambda t: top_eigenpairs(torch.eye(3, dtype=torch.complex128), 1), "Invalid op"),
     ("top-op-numpy", lambda t: top_eigenpairs(np.eye(3), 1), "Invalid op"),
+    ("top-op-duck-without-int-dim", lambda t: top_eigenpairs(DuckOperator(dim="4"), 1), "Invalid op"),
     # ---------------------------------------------------------------- operators of sdopt.spectrum
     ("linop-dim-zero", lambda t: LinearOperator(0, lambda V: V), "Invalid dim"),
     ("linop-dim-float", lambda t: LinearOperator(2.0, lambda V: V), "Invalid dim"),
@@ -179,6 +195,7 @@ CASES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("gd-map-lr-zero", lambda t: gd_map_squared(A, 0.0), "Invalid lr"),
     ("deflated-vectors-shape", lambda t: deflated(A, torch.ones(4, 1, dtype=DT)), "Invalid vectors"),
     ("deflated-vectors-nan", lambda t: deflated(A, torch.full((5, 1), math.nan, dtype=DT)), "Invalid vectors"),
+    ("deflated-vectors-list", lambda t: deflated(A, [[1.0]] * 5), "Invalid vectors"),
     ("preconditioned-shape", lambda t: preconditioned(A, torch.ones(4, dtype=DT)), "Invalid preconditioner"),
     ("preconditioned-negative", lambda t: preconditioned(A, -torch.ones(5, dtype=DT)), "Invalid preconditioner"),
     # ---------------------------------------------------------------- trace and density
@@ -197,8 +214,10 @@ CASES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("slq-ops-empty", lambda t: stochastic_lanczos_quadrature([], 2, 3), "Invalid op_or_ops"),
     ("slq-ops-int", lambda t: stochastic_lanczos_quadrature(5, 2, 3), "Invalid op_or_ops"),
     ("slq-ops-mixed-dims", lambda t: stochastic_lanczos_quadrature([A, torch.eye(3, dtype=DT)], 2, 3), "Invalid op_or_ops"),
+    ("slq-ops-callable-returning-junk", lambda t: stochastic_lanczos_quadrature(lambda r: "A", 2, 3), "Invalid op"),
     ("density-moment-p", lambda t: density().moment(-1), "Invalid p"),
     ("density-sigma-zero", lambda t: density().density(torch.zeros(3), sigma=0.0), "Invalid sigma"),
+    ("density-sigma-negative", lambda t: density().density(torch.zeros(3), sigma=-1.0), "Invalid sigma"),
     ("density-quantiles-num", lambda t: density().quantiles(0), "Invalid num"),
     ("density-histogram-bins", lambda t: density().histogram(0), "Invalid bins"),
     ("density-histogram-edges", lambda t: density().histogram(torch.tensor([1.0, 0.0])), "Invalid bins"),
@@ -226,6 +245,7 @@ CASES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("ky-complex-tensor", lambda t: kaplan_yorke_dimension(torch.tensor([1.0 + 2j, -0.5])), "Invalid exponents"),
     ("ky-complex-array", lambda t: kaplan_yorke_dimension(np.array([1.0 + 2j, -0.5])), "Invalid exponents"),
     ("ky-complex-list", lambda t: kaplan_yorke_dimension([1.0 + 2j, -0.5]), "Invalid exponents"),
+    ("ky-str", lambda t: kaplan_yorke_dimension("abc"), "Invalid exponents"),
     ("weighted-ky-lengths", lambda t: weighted_kaplan_yorke(torch.ones(3), torch.ones(2)), "Invalid weights"),
     ("weighted-ky-negative-weights", lambda t: weighted_kaplan_yorke(torch.ones(2), -torch.ones(2)), "Invalid weights"),
     ("weighted-ky-list", lambda t: weighted_kaplan_yorke([0.5, -1.0], [1.0, math.nan]), "Invalid weights"),
@@ -238,6 +258,7 @@ CASES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("lyap-lr-zero", lambda t: lyapunov_exponents([1.0], 0.0), "Invalid lr"),
     ("lyap-eps-negative", lambda t: lyapunov_exponents([1.0], 0.1, eps=-1.0), "Invalid eps"),
     ("lyap-complex", lambda t: lyapunov_exponents(torch.tensor([1.0 + 1j]), 0.1, map="momentum", momentum=0.5), "Invalid eigenvalues"),
+    ("lyap-empty-rows", lambda t: lyapunov_exponents(torch.ones(2, 0), 0.1), "Invalid eigenvalues"),
     ("edge-map", lambda t: edge_of_stability("newton"), "Invalid map"),
     ("edge-momentum", lambda t: edge_of_stability("momentum", 1.5), "Invalid momentum"),
     ("adam-precond-missing", lambda t: adam_preconditioner(torch.optim.Adam(model().parameters()), missing="zero"), "Invalid missing"),
@@ -249,6 +270,7 @@ CASES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("sd-from-spectrum-map", lambda t: sd_from_spectrum([1.0, 2.0], 0.1, exponent_map="x"), "Invalid exponent_map"),
     ("sd-from-spectrum-spectrum", lambda t: sd_from_spectrum("spectrum", 0.1), "Invalid spectrum"),
     ("sd-from-spectrum-complex", lambda t: sd_from_spectrum(torch.tensor([1.0 + 1j]), 0.1), "Invalid spectrum"),
+    ("sd-from-spectrum-momentum", lambda t: sd_from_spectrum([1.0, 2.0], 0.1, exponent_map="momentum", momentum=1.0), "Invalid momentum"),
     # ---------------------------------------------------------------- estimate_sharpness_dimension
     ("esd-lr-zero", lambda t: estimate_sharpness_dimension(model(), F.mse_loss, DATA, 0.0), "Invalid lr"),
     ("esd-method", lambda t: estimate_sharpness_dimension(model(), F.mse_loss, DATA, 0.1, "magic"), "Invalid method"),
@@ -274,9 +296,14 @@ CASES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("esd-data-none", lambda t: estimate_sharpness_dimension(model(), F.mse_loss, None, 0.1), "Invalid data"),
     ("esd-empty-batch", lambda t: estimate_sharpness_dimension(model(), F.mse_loss, (X[:0], Y[:0]), 0.1), "Invalid data"),
     ("esd-init-shape", lambda t: estimate_sharpness_dimension(model(), F.mse_loss, DATA, 0.1, k=1, k_bottom=0, allow_dense=False, num_probes=2, num_steps=1, init=torch.ones(3, 1, dtype=DT)), "Invalid init"),
+    ("esd-generator", lambda t: estimate_sharpness_dimension(model(), F.mse_loss, DATA, 0.1, generator="seed"), "Invalid generator"),
+    ("esd-model", lambda t: estimate_sharpness_dimension("net", F.mse_loss, DATA, 0.1), "Invalid model"),
+    ("esd-loss-reduction-none", lambda t: estimate_sharpness_dimension(model(), loss_none, DATA, 0.1), "Invalid loss_fn"),
     # ---------------------------------------------------------------- measures
     ("measures-lr", lambda t: compute_measures(model(), F.mse_loss, DATA, 0.0), "Invalid lr"),
     ("measures-which", lambda t: compute_measures(model(), F.mse_loss, DATA, 0.1, ["sharpest"]), "Invalid which"),
+    ("measures-which-empty", lambda t: compute_measures(model(), F.mse_loss, DATA, 0.1, []), "Invalid which"),
+    ("measures-loss-fn", lambda t: compute_measures(model(), "mse", DATA, 0.1, ["trace"]), "Invalid loss_fn"),
     ("measures-option", lambda t: compute_measures(model(), F.mse_loss, DATA, 0.1, ["trace"], probes=3), "Invalid option"),
     ("measures-num-probes-zero", lambda t: compute_measures(model(), F.mse_loss, DATA, 0.1, ["trace"], num_probes=0), "Invalid num_probes"),
     ("measures-num-probes-float", lambda t: compute_measures(model(), F.mse_loss, DATA, 0.1, ["trace"], num_probes=2.5), "Invalid num_probes"),
@@ -306,15 +333,19 @@ CASES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("eps-sharpness-step-size", lambda t: epsilon_sharpness(make_functional_loss(model(), F.mse_loss, DATA), step_size=-1.0), "Invalid step_size"),
     ("adaptive-kind", lambda t: adaptive_sharpness(make_functional_loss(model(), F.mse_loss, DATA), kind="min"), "Invalid kind"),
     ("noise-scale-batch", lambda t: gradient_noise_scale(0.1, 10, 0), "Invalid batch_size"),
+    ("rds-sharpness-lr", lambda t: rds_sharpness(1.0, 0.0, 0.0), "Invalid lr"),
+    ("rds-sharpness-eps", lambda t: rds_sharpness(1.0, 0.0, 0.1, eps=-1.0), "Invalid eps"),
     ("mst-alpha", lambda t: mst_energy(torch.randn(4, 2), alpha=-1.0), "Invalid alpha"),
     ("ph-num-sizes", lambda t: ph_dimension(torch.randn(8, 2), num_sizes=1), "Invalid num_sizes"),
     ("ph-trajectory-nan", lambda t: ph_dimension(torch.full((8, 2), math.nan)), "Invalid trajectory"),
     # ---------------------------------------------------------------- loggers
     ("csv-path-none", lambda t: CSVLogger(None), "Invalid path"),
+    ("csv-path-empty", lambda t: CSVLogger(""), "Invalid path"),
     ("csv-path-directory", lambda t: CSVLogger(t), "Invalid path"),
     ("csv-path-under-file", lambda t: CSVLogger(a_file(t) / "log.csv"), "Invalid path"),
     ("csv-prefix", lambda t: CSVLogger(t / "log.csv", prefix=3), "Invalid prefix"),
     ("jsonl-path-none", lambda t: JSONLLogger(None), "Invalid path"),
+    ("jsonl-path-int", lambda t: JSONLLogger(5), "Invalid path"),
     ("jsonl-path-directory", lambda t: JSONLLogger(t), "Invalid path"),
     ("jsonl-path-under-file", lambda t: JSONLLogger(a_file(t) / "sub" / "log.jsonl"), "Invalid path"),
     ("jsonl-prefix", lambda t: JSONLLogger(t / "log.jsonl", prefix=None), "Invalid prefix"),
@@ -322,6 +353,7 @@ CASES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("console-every-zero", lambda t: ConsoleLogger(every=0), "Invalid every"),
     ("console-every-float", lambda t: ConsoleLogger(every=1.5), "Invalid every"),
     ("console-stream", lambda t: ConsoleLogger(stream="stderr"), "Invalid stream"),
+    ("console-stream-int", lambda t: ConsoleLogger(stream=1), "Invalid stream"),
     ("wandb-prefix-empty", lambda t: WandbLogger(prefix=""), "Invalid prefix"),
     ("wandb-prefix-no-slash", lambda t: WandbLogger(prefix="sdopt"), "Invalid prefix"),
     ("wandb-prefix-slash", lambda t: WandbLogger(prefix="/"), "Invalid prefix"),
@@ -352,9 +384,11 @@ def _trainer_callback(*args: Any, **kwargs: Any) -> Any:
 INTEGRATION_CASES: list[tuple[str, str, Callable[[Any], Any], str]] = [
     ("lightning-prefix", "lightning", lambda t: _lightning_callback(prefix=None), "Invalid prefix"),
     ("lightning-log-skipped", "lightning", lambda t: _lightning_callback(log_skipped="no"), "Invalid log_skipped"),
+    ("lightning-prefix-int", "lightning", lambda t: _lightning_callback(prefix=0), "Invalid prefix"),
     ("hf-loggers-not-iterable", "transformers", lambda t: _trainer_callback(loggers=5), "Invalid loggers"),
     ("hf-logger-without-log", "transformers", lambda t: _trainer_callback(loggers=[object()]), r"Invalid loggers\[0\]"),
     ("hf-logger-string", "transformers", lambda t: _trainer_callback(loggers="wandb"), "Invalid loggers"),
+    ("hf-loggers-none", "transformers", lambda t: _trainer_callback(loggers=None), "Invalid loggers"),
     ("hf-prefix", "transformers", lambda t: _trainer_callback(prefix=1), "Invalid prefix"),
     ("hf-optimizer", "transformers", lambda t: _trainer_callback(optimizer=sgd_without_state()), "Invalid optimizer"),
 ]

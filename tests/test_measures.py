@@ -110,6 +110,31 @@ def test_rds_sharpness() -> None:
     assert rds_sharpness(5.0, 0.1, 0.1) == pytest.approx(math.log(0.99))
 
 
+def test_rds_sharpness_of_a_map_contracting_to_a_point_is_minus_inf() -> None:
+    # |1 - lr α| = 0 at both ends and eps = 0: log 0, not a "math domain error"
+    assert rds_sharpness(10.0, 10.0, 0.1) == -math.inf
+
+
+def test_a_single_measure_name_as_a_string() -> None:
+    # a string is one name, not an iterable of one-letter names ("Invalid which: 'w'")
+    out = compute_measures(Quadratic(W), quad_loss, DATA, 0.1, which="weight_norm")
+    assert out == {"weight_norm": pytest.approx(float(W.norm()))}
+
+
+def test_options_are_checked_before_any_work() -> None:
+    calls = []
+
+    def loss_fn(outputs, targets):
+        calls.append(1)
+        return quad_loss(outputs, targets)
+
+    with pytest.raises(ValueError, match="Invalid ascent_steps: 0"):
+        compute_measures(
+            Quadratic(W), loss_fn, DATA, 0.1, which=("trace", "eps_sharpness"), ascent_steps=0
+        )
+    assert not calls  # the trace was not computed first
+
+
 def test_weight_norm_and_noise_scale() -> None:
     out = compute_measures(
         Quadratic(W),

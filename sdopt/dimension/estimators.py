@@ -556,6 +556,8 @@ def estimate_sharpness_dimension(
         )
     if solver_options is not None and not isinstance(solver_options, dict):
         raise ValueError(f"Invalid solver_options: {solver_options!r} (must be a dict)")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"Invalid generator: {generator!r} (must be a torch.Generator or None)")
     paper = method in ("slq", "kde", "ps")
     if paper:
         default_probes, default_steps, least = (*_PAPER_DEFAULTS.values(), 1)
