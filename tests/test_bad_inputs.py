@@ -81,10 +81,11 @@ def density():
 
 
 class DuckOperator:
-    """An object that looks like an operator but whose ``dim`` is not an integer."""
+    """A duck-typed operator (``dim``, ``dtype``, ``matmat``), given bad attributes."""
 
-    def __init__(self, dim: Any) -> None:
+    def __init__(self, dim: Any, dtype: torch.dtype = DT) -> None:
         self.dim = dim
+        self.dtype = dtype
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         return V
@@ -133,6 +134,7 @@ CASES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("hessian-distributed-str", lambda t: op(distributed="yes"), "Invalid distributed"),
     ("hessian-distributed-uninitialised", lambda t: op(distributed=True), "Invalid distributed"),
     ("hessian-no-trainable-params", lambda t: HessianOperator(model().requires_grad_(False), F.mse_loss, DATA), "Invalid model"),
+    ("hessian-complex-params", lambda t: HessianOperator(nn.Linear(3, 1, dtype=torch.complex128), F.mse_loss, DATA), "Invalid model: parameter 'weight' has dtype torch.complex128"),
     ("hessian-matvec-list", lambda t: op().matvec([1.0] * DIM), "Invalid v"),
     ("hessian-matvec-shape", lambda t: op().matvec(vec(DIM + 1)), "Invalid v"),
     ("hessian-matvec-dtype", lambda t: op().matvec(vec(dtype=torch.float32)), "Invalid v"),
@@ -183,10 +185,13 @@ CASES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("top-op-complex", lambda t: top_eigenpairs(torch.eye(3, dtype=torch.complex128), 1), "Invalid op"),
     ("top-op-numpy", lambda t: top_eigenpairs(np.eye(3), 1), "Invalid op"),
     ("top-op-duck-without-int-dim", lambda t: top_eigenpairs(DuckOperator(dim="4"), 1), "Invalid op"),
+    ("top-op-duck-complex", lambda t: top_eigenpairs(DuckOperator(dim=3, dtype=torch.complex64), 1), "Invalid op"),
     # ---------------------------------------------------------------- operators of sdopt.spectrum
     ("linop-dim-zero", lambda t: LinearOperator(0, lambda V: V), "Invalid dim"),
     ("linop-dim-float", lambda t: LinearOperator(2.0, lambda V: V), "Invalid dim"),
     ("linop-matmat-not-callable", lambda t: LinearOperator(2, "A"), "Invalid matmat"),
+    ("linop-dtype-complex", lambda t: LinearOperator(2, lambda V: V, dtype=torch.complex128), "Invalid dtype"),
+    ("linop-dtype-int", lambda t: LinearOperator(2, lambda V: V, dtype=torch.int64), "Invalid dtype"),
     ("linop-matmat-shape", lambda t: LinearOperator(2, lambda V: V).matmat(torch.ones(3, 1)), "Invalid V"),
     ("linop-matvec-shape", lambda t: LinearOperator(2, lambda V: V).matvec(torch.ones(3)), "Invalid v"),
     ("shifted-sigma-str", lambda t: shifted(A, "one"), "Invalid sigma"),

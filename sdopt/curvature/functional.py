@@ -191,6 +191,13 @@ class FunctionalLoss:
                 f"Invalid model: {type(self.model).__name__} has no trainable parameters "
                 "(no parameter with requires_grad=True)"
             )
+        for n, p in named:
+            if not p.is_floating_point():  # complex: the Hessian of a real loss in complex
+                # parameters is not the symmetric operator the solvers assume
+                raise ValueError(
+                    f"Invalid model: parameter {n!r} has dtype {p.dtype} (curvature needs real "
+                    "floating-point trainable parameters)"
+                )
         self.names: list[str] = [n for n, _ in named]
         self.params: tuple[Tensor, ...] = tuple(p.detach() for _, p in named)
         self.shapes = [p.shape for p in self.params]

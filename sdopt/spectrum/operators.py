@@ -65,6 +65,11 @@ class LinearOperator:
             raise ValueError(f"Invalid dim: {dim!r} (must be an integer >= 1)")
         if not callable(matmat):
             raise ValueError(f"Invalid matmat: {matmat!r} (must be callable)")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(
+                f"Invalid dtype: {dtype!r} (must be a real floating-point torch.dtype: the "
+                "solvers need a real symmetric operator)"
+            )
         self.dim = dim
         self.dtype = dtype
         self.device = torch.device(device)
@@ -157,6 +162,12 @@ class _Wrapped(LinearOperator):
                 f"Invalid op: {type(obj).__name__} (must be a square symmetric torch.Tensor or an "
                 "object with an integer .dim and .matmat or .matvec)"
             )
+        dtype = getattr(obj, "dtype", torch.float64)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(
+                f"Invalid op: {type(obj).__name__} of dtype {dtype!r} (must be real floating "
+                "point: the solvers need a real symmetric operator)"
+            )
         if has_matmat:
             matmat = obj.matmat
         else:
@@ -167,7 +178,7 @@ class _Wrapped(LinearOperator):
         super().__init__(
             int(dim),
             matmat,
-            dtype=getattr(obj, "dtype", torch.float64),
+            dtype=dtype,
             device=getattr(obj, "device", "cpu"),
             matvec=obj.matvec if has_matvec else None,
             source=obj,
