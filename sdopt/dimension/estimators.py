@@ -623,7 +623,11 @@ def estimate_sharpness_dimension(
         if k_bottom_default:
             k_bottom = min(k_bottom, dim - k)
         if k + k_bottom > dim:
-            raise ValueError(f"Invalid k: {k} (k + k_bottom = {k + k_bottom} must be <= d = {dim})")
+            name, value = ("k", k) if k > dim or k_bottom_default else ("k_bottom", k_bottom)
+            raise ValueError(
+                f"Invalid {name}: {value} (k + k_bottom = {k} + {k_bottom} = {k + k_bottom} "
+                f"must be <= d = {dim})"
+            )
         groups, density, top, bottom, products = _measure_deflated(
             ops, k, k_bottom, num_probes, num_steps, tol, init, init_bottom, gen,
             dict(solver_options or {}), allow_dense,

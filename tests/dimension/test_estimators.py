@@ -192,8 +192,11 @@ def test_gd_map_rejects_momentum(problem) -> None:
 
 def test_deflated_too_many_pairs(problem) -> None:
     model, batches, _, lr = problem
-    with pytest.raises(ValueError, match="Invalid k: 41"):
-        estimate_sharpness_dimension(model, LOSS, batches, lr, "deflated", k=41, k_bottom=2)
+    dim = sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match=f"Invalid k: {dim + 1} "):
+        estimate_sharpness_dimension(model, LOSS, batches, lr, "deflated", k=dim + 1, k_bottom=0)
+    with pytest.raises(ValueError, match=f"Invalid k_bottom: 2 .*= {dim - 1} \\+ 2 "):
+        estimate_sharpness_dimension(model, LOSS, batches, lr, "deflated", k=dim - 1, k_bottom=2)
 
 
 def test_invalid_lr(problem) -> None:
