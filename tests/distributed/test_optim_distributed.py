@@ -190,3 +190,86 @@ def test_adam_map_through_a_ddp_wrapper_agrees_across_ranks(ranks) -> None:
     assert h0 and all(r["sdopt/skipped"] == 0 for r in h0), h0
     assert h0[0]["sdopt/step"] == 1  # the estimate due at step 0 waits for Adam's state
     assert [_strip_time(r) for r in h0] == [_strip_time(r) for r in h1]
+
+
+# --- a failure on one rank skips the estimate on every rank (issue 11) -------------------------
+
+FAULT_STEPS = 6
+
+
+def _fault_worker(rank: int, port: int, out: str, fault: str) -> None:
+    """Rank 1's curvature data (or loss) fails at the estimate of step 2 only."""
+    import datetime
+    import warnings
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    # a hang (ranks in different collectives) becomes an error instead of a stuck test
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        from sdopt.optim import SDOptimizer
+
+        model = _model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        x, y = _shard(rank)
+        draws = []
+
+        def data():
+            draws.append(1)
+            if rank == 1 and len(draws) == 2 and fault == "nan":
+                return x * float("nan"), y
+            return x, y
+
+        def loss_fn(outputs, targets):
+            if rank == 1 and len(draws) == 2 and fault == "raise":
+                raise RuntimeError("loss_fn failed on rank 1")
+            return F.cross_entropy(outputs, targets)
+
+        opt = SDOptimizer(
+            torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.5),
+            model=model,
+            loss_fn=loss_fn,
+            data=data,
+            mode="penalty",
+            every=2,
+            k=3,
+            seed=5,
+            penalty_strength=0.05,
+            penalty_every=1,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(FAULT_STEPS):
+                opt.zero_grad()
+                F.cross_entropy(ddp(x), y).backward()
+                opt.step()
+        torch.save(
+            {
+                "status": [(r.step, r.status) for r in opt.history],
+                "reasons": [r.reason for r in opt.history],
+                "params": [p.detach().clone() for p in model.parameters()],
+                "failures": dict(opt.failures),
+                "step_count": opt.step_count,
+            },
+            Path(out) / f"{fault}-rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fault", ["nan", "raise"])
+def test_a_failure_on_one_rank_skips_the_same_estimate_on_every_rank(tmp_path, fault) -> None:
+    mp.spawn(_fault_worker, args=(_free_port(), str(tmp_path), fault), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"{fault}-rank{r}.pt") for r in range(WORLD))
+    expected = [(0, "ok"), (2, "skipped"), (4, "ok")]
+    assert r0["status"] == r1["status"] == expected
+    assert r0["step_count"] == r1["step_count"] == FAULT_STEPS
+    assert r0["failures"]["estimate"] == r1["failures"]["estimate"] == 1
+    if fault == "raise":
+        assert "loss_fn failed on rank 1" in r1["reasons"][1]
+        assert r0["reasons"][1] == "failed on another rank"
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
