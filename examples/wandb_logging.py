@@ -59,11 +59,11 @@ def main() -> None:
         loss.backward()
         opt.step()
         run.log({"train/loss": loss.item(), "train/step": step})
+    run_dir = Path(run.dir).parent  # this run's folder (earlier runs in --dir have their own)
     run.finish()
 
-    run_dirs = list((Path(args.dir) / "wandb").glob("offline-run-*"))
-    print(f"offline run written to {run_dirs[-1]}; upload with `wandb sync {run_dirs[-1]}`")
-    assert run_dirs and list(run_dirs[-1].glob("*.wandb"))
+    print(f"offline run written to {run_dir}; upload with `wandb sync {run_dir}`")
+    assert list(run_dir.glob("*.wandb"))
     assert len(opt.history) == (args.steps + 9) // 10
 
 

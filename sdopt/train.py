@@ -484,22 +484,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4" of a foreign file
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        detail = next(
-            (
-                line.strip()
-                for line in text.splitlines()
-                if "GLOBAL" in line or "Unsupported" in line
-            ),
-            "",
-        )
-        if detail or text.startswith("Weights only load failed"):
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        unsafe = next((line for line in lines if "GLOBAL" in line), None)
+        if unsafe is not None:  # e.g. "Trying to load unsupported GLOBAL posix.system ..."
             raise ValueError(
                 f"Invalid resume: {path} holds objects other than tensors and plain data "
-                f"(refused, loading it could run code{': ' + detail if detail else ''})"
+                f"(refused, loading it could run code: {unsafe.rstrip('.')})"
             ) from None
+        detail = next((line for line in lines if "Unsupported" in line), _first_line(exc))
         raise ValueError(
-            f"Invalid resume: {path} is corrupt or not a PyTorch checkpoint ({_first_line(exc)})"
+            f"Invalid resume: {path} is corrupt or not a PyTorch checkpoint "
+            f"(refused by the weights-only loader: {detail.rstrip('.')})"
         ) from None
     except Exception as exc:  # truncated zip, random bytes, ...
         raise ValueError(

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -205,7 +206,7 @@ def read_wandb_records(path: Path) -> list:
     from wandb.proto import wandb_internal_pb2
 
     data = path.read_bytes()
-    assert data[:4] == b":W&B", data[:7]
+    assert data[:4] == b":W&B" and len(data) >= 7, data[:7]
     block, pos, pieces, records = 32768, 7, b"", []
     while pos + 7 <= len(data):
         room = block - pos % block
@@ -234,19 +235,31 @@ def read_wandb_records(path: Path) -> list:
     return out
 
 
-def finished_run_records(run_dir: Path, timeout: float = 30.0) -> list:
+def finished_run_records(run_dir: Path, timeout: float = 60.0) -> list:
     """The records of the run in ``run_dir`` once its log holds the ``exit`` record.
 
     ``run.finish()`` can return before the W&B service has flushed the offline log (seen under
-    load: a 7-byte file, header only), so wait for the record that closes it.
+    load: no file yet, a 7-byte header, a record cut mid-write), so read it again until the
+    record that closes it is there; anything short of that (missing, partial, unparsable) is
+    retried, and only the timeout fails.
     """
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + timeout
+    last = "no .wandb file"
     while True:
-        records = read_wandb_records(next(run_dir.glob("*.wandb")))
-        if any(r.WhichOneof("record_type") == "exit" for r in records):
-            return records
+        logs = sorted(run_dir.glob("*.wandb"))
+        if logs:
+            try:
+                records = read_wandb_records(logs[0])
+            except (AssertionError, DecodeError) as exc:  # a header or record not yet written
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if any(r.WhichOneof("record_type") == "exit" for r in records):
+                    return records
+                last = f"{len(records)} records, no exit record yet"
         if time.monotonic() > deadline:
-            raise AssertionError(f"no exit record in {run_dir} after {timeout} s")
+            raise AssertionError(f"no exit record in {run_dir} after {timeout} s ({last})")
         time.sleep(0.05)
 
 
@@ -306,6 +319,37 @@ def test_wandb_logger_offline_run_is_read_back(wandb_offline) -> None:
     assert rows[1]["sdopt/sd_low"] == 2.0 and rows[1]["sdopt/total_exponent"] == -0.5
     assert rows[0]["sdopt/lr_scale"] == 0.5 and rows[0]["sdopt/num_products"] == 12
     assert all(k.startswith("sdopt/") or k.startswith("_") for r in rows for k in r)
+
+
+def test_wandb_log_is_read_back_only_once_the_service_wrote_it(wandb_offline, tmp_path) -> None:
+    # what run.finish() may leave behind under load, in order: no log yet, a bare header, a
+    # record cut mid-write, the whole log; the reader waits for the exit record throughout
+    wandb, _ = wandb_offline
+    run = wandb.init(project="sdopt-test", dir=str(tmp_path / "source"))
+    run.log({"user/loss": 0.5})
+    source = Path(run.dir).parent
+    run.finish()
+    full = next(source.glob("*.wandb"))
+    records = finished_run_records(source)
+    data = full.read_bytes()
+    run_dir = tmp_path / "late"
+    run_dir.mkdir()
+    log = run_dir / full.name
+    stages = [b"", data[:7], data[: len(data) // 2 + 3], data]
+
+    def write_late() -> None:
+        for stage in stages:
+            time.sleep(0.3)
+            log.write_bytes(stage)
+
+    writer = threading.Thread(target=write_late)
+    writer.start()
+    try:
+        late = finished_run_records(run_dir, timeout=30)
+    finally:
+        writer.join()
+    assert [r.SerializeToString() for r in late] == [r.SerializeToString() for r in records]
+    assert any(r.get("user/loss") == 0.5 for r in _history_rows(late))
 
 
 def test_wandb_logger_reuses_existing_run(wandb_offline, monkeypatch: pytest.MonkeyPatch) -> None:

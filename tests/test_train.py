@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 
 import pytest
 import torch
 
-from sdopt.train import METRIC_FIELDS, GrokfastEMA, TrainConfig, build_optimizer, train
+from sdopt.train import (
+    METRIC_FIELDS,
+    GrokfastEMA,
+    TrainConfig,
+    build_optimizer,
+    load_checkpoint,
+    train,
+)
 
 TINY = {
     "p": 7,
@@ -231,6 +239,80 @@ def test_resume_rejects_a_different_run(tmp_path) -> None:
         train(tiny(out_dir=str(tmp_path), lr=0.5, resume=True))
     with pytest.raises(ValueError, match="Invalid steps: 2"):
         train(tiny(out_dir=str(tmp_path), steps=2, resume=True))
+
+
+class _Planted:
+    """Unpickling this creates ``marker``: a checkpoint that would run code when loaded."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_resume_never_runs_code_from_a_planted_checkpoint(tmp_path, how: str) -> None:
+    train(tiny(out_dir=str(tmp_path), steps=4))
+    path = tmp_path / "checkpoint.pt"
+    marker = tmp_path / "code-ran"
+    if how == "pickle":
+        path.write_bytes(pickle.dumps(_Planted(marker)))
+    else:  # a real checkpoint with one planted object inside
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["metrics"].append(_Planted(marker))
+        torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=r"Invalid resume: .*checkpoint\.pt .*refused"):
+        train(tiny(out_dir=str(tmp_path), steps=8, resume=True))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"", "is empty"),
+        (b"garbage " * 64, "corrupt or not a PyTorch checkpoint"),
+        ("truncated", "truncated, corrupt or not a PyTorch checkpoint"),
+        ("tensor", r"not an sdopt grok checkpoint \(holds a Tensor"),
+        ("foreign", r"not an sdopt grok checkpoint .missing keys \['version'"),
+        ("version", "checkpoint version 7"),
+        ("shapes", "does not fit this run"),
+    ],
+)
+def test_unreadable_checkpoints_are_one_line_errors_naming_the_file(
+    tmp_path, content, match
+) -> None:
+    train(tiny(out_dir=str(tmp_path), steps=4))
+    path = tmp_path / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif content == "tensor":
+        torch.save(torch.zeros(2), path)
+    elif content == "foreign":
+        torch.save({"model_state": {}, "epoch": 1}, path)
+    elif content == "version":
+        torch.save(ckpt | {"version": 7}, path)
+    else:
+        first = next(iter(ckpt["model"]))
+        ckpt["model"][first] = torch.zeros(1, 1)
+        torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=match) as info:
+        train(tiny(out_dir=str(tmp_path), steps=8, resume=True))
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+    if content != "shapes":  # the file itself is unusable: load_checkpoint says the same
+        with pytest.raises(ValueError, match=match):
+            load_checkpoint(path)
+
+
+def test_resume_says_where_it_starts(tmp_path, capsys) -> None:
+    train(tiny(out_dir=str(tmp_path / "a"), resume=True, steps=4))
+    assert "no checkpoint at" in capsys.readouterr().err
+    train(tiny(out_dir=str(tmp_path / "a"), resume=True, steps=8))
+    assert "resumed from step 4 of" in capsys.readouterr().err
 
 
 def test_divergence_stops_before_corrupting_parameters() -> None:
