@@ -438,3 +438,39 @@ def test_keyboard_interrupt_inside_an_estimate_replays_exactly(where: str) -> No
             one_step(model2, opt2)
         assert all(torch.equal(a, b) for a, b in zip(_params(model), _params(model2))), resume
         assert [r.loss for r in opt.history] == [r.loss for r in opt2.history]
+
+
+# --- item 4: the construction-time check leaves the model and the RNG alone ---------------------
+
+
+def test_the_dry_run_at_construction_changes_nothing() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Tanh(), nn.Linear(6, 3)
+    ).double()
+    model.train()
+    x, y = _data()
+    F.cross_entropy(model(x), y).backward()
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    calls = []
+
+    def loss_fn(outputs, targets):
+        calls.append(torch.is_grad_enabled())
+        return F.cross_entropy(outputs, targets)
+
+    SDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model=model,
+        loss_fn=loss_fn,
+        data=(x, y),
+        every=2,
+        k=2,
+    )
+    assert calls == [False]  # evaluated once, without autograd
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(m.training for m in model.modules())
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), n  # BatchNorm running statistics untouched
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
