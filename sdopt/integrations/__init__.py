@@ -7,10 +7,12 @@ the package to install when it is missing; ``import sdopt.integrations`` needs n
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+from collections.abc import Hashable, Iterable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["check_loggers", "find_sd_optimizers"]
+__all__ = ["check_loggers", "find_sd_optimizers", "logger_sink", "without_duplicate_sinks"]
 
 
 def find_sd_optimizers(optimizers: Iterable[Any]) -> list[Any]:
@@ -43,3 +45,51 @@ def check_loggers(loggers: Any, method: str = "log") -> list[Any]:
                 f"Invalid loggers[{i}]: {type(logger).__name__} (has no callable .{method}())"
             )
     return out
+
+
+def logger_sink(logger: Any) -> Hashable:
+    """Where ``logger`` writes, so that two writers into one place can be told apart.
+
+    ``"wandb"`` for sdopt's :class:`~sdopt.loggers.WandbLogger` and Lightning's ``WandbLogger``
+    (both write into the process's ``wandb.run``), ``("file", path)`` for loggers with a
+    ``path`` (sdopt's CSV and JSONL loggers), and the object itself for anything else.
+    """
+    cls = type(logger)
+    if cls.__name__ == "WandbLogger" and cls.__module__.startswith(
+        ("sdopt.", "lightning.", "pytorch_lightning.")
+    ):
+        return "wandb"
+    path = getattr(logger, "path", None)
+    if isinstance(path, (str, Path)):
+        return ("file", str(Path(path).expanduser().resolve()))
+    return ("object", id(logger))
+
+
+def without_duplicate_sinks(
+    loggers: Iterable[Any], taken: Iterable[Any], *, what: str, owner: str
+) -> list[Any]:
+    """``loggers`` without those that write where a logger in ``taken`` already writes.
+
+    The records of an :class:`~sdopt.SDOptimizer` reach its own ``loggers`` without any
+    callback; a callback that sent them to the same place again would log everything twice.
+    One ``UserWarning`` names the loggers left out.
+
+    Args:
+        loggers: The loggers a callback would write to.
+        taken: The SDOptimizer's own loggers (``opt.loggers``).
+        what: How the left-out loggers are named in the warning.
+        owner: How the SDOptimizer's loggers are named in the warning.
+    """
+    sinks = {logger_sink(lg) for lg in taken}
+    kept, dropped = [], []
+    for lg in loggers:
+        (dropped if logger_sink(lg) in sinks else kept).append(lg)
+    if dropped:
+        names = ", ".join(type(lg).__name__ for lg in dropped)
+        warnings.warn(
+            f"sdopt: {owner} already writes its records where {what} {names} would write "
+            f"them; the callback leaves {names} out so that each record is logged once",
+            UserWarning,
+            stacklevel=3,
+        )
+    return kept
