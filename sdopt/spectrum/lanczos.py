@@ -37,6 +37,10 @@ from sdopt.spectrum.operators import LinearOperator, as_operator
 __all__ = ["EigenResult", "top_eigenpairs"]
 
 WHICH = ("LA", "SA", "LM")
+# default basis beyond the k wanted vectors (the memory budget: module docstring). The top of a
+# Hessian spectrum is a few separated outliers: 10 more vectors cost no extra products there.
+# The bottom is the edge of a dense bulk, where a restarted basis stalls: 30 more.
+BASIS_EXTRA = {"LA": 10, "LM": 10, "SA": 30}
 CRITERIA = ("residual", "eigenvalue")
 
 
@@ -145,15 +149,17 @@ def _select(theta: Tensor, which: str, count: int) -> Tensor:
     return order[:count]
 
 
-def _fresh_direction(
-    basis: Tensor, generator: torch.Generator, dtype: torch.dtype, device: torch.device
-) -> Tensor:
+def _fresh_direction(V: _Basis, m: int, generator: torch.Generator) -> None:
+    """Row ``m`` of ``V`` becomes a random unit vector orthogonal to rows ``[0, m)``."""
+    out = V.row(m)
     for _ in range(5):
-        v = random_vectors((basis.shape[0],), generator, dtype=dtype, device=device)
-        v, _ = _orthogonalise(v, basis)
-        norm = v.norm()
+        v = random_vectors((V.n,), generator, dtype=out.dtype, device=out.device)
+        V.orthogonalise_into(v, m, out)
+        del v
+        norm = out.norm()
         if norm > 1e-3:
-            return v / norm
+            out.div_(norm)
+            return
     raise RuntimeError("could not extend the Krylov basis (it spans the whole space)")
 
 
@@ -234,7 +240,7 @@ def top_eigenpairs(
         max_iters = min(max(20 * k, 200), 10 * n)
     max_iters = check_int("max_iters", max_iters, minimum=1)
     if max_basis is None:
-        max_basis = min(max(3 * k, k + 40), n)
+        max_basis = default_max_basis(k, n, which)
     max_basis = check_int("max_basis", max_basis, minimum=1)
     if max_basis > n:
         raise ValueError(f"Invalid max_basis: {max_basis} (must be <= dim = {n})")
@@ -247,15 +253,28 @@ def top_eigenpairs(
     v0 = v0 / v0.norm()
     if init is not None:
         Y = _check_init(init, n)
-        Y = Y.to(dtype=dtype, device=device)
-        Y = Y / Y.norm(dim=0, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-        start = Y.sum(dim=1)
+        # the sum of the normalised columns, as one product (no copy of init)
+        inverse_norms = 1.0 / Y.norm(dim=0).to(torch.float64).clamp_min(torch.finfo(dtype).tiny)
+        start = Y @ inverse_norms.to(dtype=Y.dtype, device=Y.device)
+        start = start.to(dtype=dtype, device=device)
         norm = start.norm()
         if norm > 0:
             v0 = start / norm + init_noise * v0
             v0 = v0 / v0.norm()
 
     return _thick_restart_lanczos(A, k, which, tol, criterion, max_iters, max_basis, v0, gen)
+
+
+def default_max_basis(k: int, dim: int, which: str = "LA") -> int:
+    """The default ``max_basis``: ``k + 10`` (``"LA"``, ``"LM"``) or ``k + 30`` (``"SA"``),
+    at most ``dim``."""
+    return min(k + BASIS_EXTRA[which], dim)
+
+
+def restart_size(k: int, max_basis: int) -> int:
+    """Ritz vectors kept at a thick restart of a full ``max_basis`` basis (``k`` wanted):
+    ``k`` plus half the rest (Wu & Simon)."""
+    return min(max_basis - 1, k + (max_basis - k) // 2)
 
 
 def _check_init(init: Any, n: int) -> Tensor:
@@ -271,6 +290,66 @@ def _check_init(init: Any, n: int) -> Tensor:
     return Y.detach()
 
 
+class _Basis:
+    """The Krylov vectors, as the rows of two blocks allocated once: ``head`` (the first ``k``
+    rows, where the returned eigenvectors are formed) and ``tail`` (freed on return).
+
+    Every operation works in place (Gram–Schmidt with ``addmv``; rotations by the small
+    ``Y`` over column chunks of about ``dim / (4 rows)``), so the solver's memory is the
+    ``rows`` vectors plus at most a quarter of a vector of scratch.
+    """
+
+    def __init__(self, rows: int, k: int, n: int, dtype: torch.dtype, device: torch.device):
+        self.k = min(k, rows)
+        self.head = torch.empty(self.k, n, dtype=dtype, device=device)
+        self.tail = torch.empty(rows - self.k, n, dtype=dtype, device=device)
+        self.rows = rows
+        self.n = n
+
+    def row(self, i: int) -> Tensor:
+        return self.head[i] if i < self.k else self.tail[i - self.k]
+
+    def blocks(self, m: int) -> list[tuple[int, Tensor]]:
+        """``(first row, block)`` pairs covering rows ``[0, m)``."""
+        if m <= self.k:
+            return [(0, self.head[:m])]
+        return [(0, self.head), (self.k, self.tail[: m - self.k])]
+
+    def orthogonalise_into(self, w: Tensor, m: int, out: Tensor) -> Tensor:
+        """``out = w - V_m^T (V_m w)`` twice (classical Gram–Schmidt, two passes) without a
+        temporary vector; returns the coefficients ``V_m w`` (both passes summed)."""
+        blocks = self.blocks(m)
+        h = torch.cat([B @ w for _, B in blocks])
+        out.copy_(w)
+        for first, B in blocks:
+            out.addmv_(B.T, h[first : first + B.shape[0]], alpha=-1.0)
+        h2 = torch.cat([B @ out for _, B in blocks])
+        for first, B in blocks:
+            out.addmv_(B.T, h2[first : first + B.shape[0]], alpha=-1.0)
+        return h + h2
+
+    def rotate(self, Y: Tensor, m: int) -> None:
+        """Rows ``[0, j)`` become ``Y^T V_m`` (``Y``: ``(m, j)``, ``j <= m``), in place."""
+        j = Y.shape[1]
+        Yt = Y.T.to(dtype=self.head.dtype, device=self.head.device)
+        blocks = self.blocks(m)
+        chunk = max(2048, -(-self.n // (4 * max(j, 1))))
+        for c0 in range(0, self.n, chunk):
+            cols = slice(c0, min(c0 + chunk, self.n))
+            new = None
+            for first, B in blocks:
+                part = Yt[:, first : first + B.shape[0]] @ B[:, cols]
+                new = part if new is None else new.add_(part)
+            assert new is not None
+            for first, B in self.blocks(j):
+                B[:, cols] = new[first : first + B.shape[0]]
+
+    def take(self, count: int) -> Tensor:
+        """The first ``count <= k`` rows as ``(dim, count)`` columns; frees the tail."""
+        self.tail = self.tail[:0]
+        return self.head[:count].T
+
+
 def _thick_restart_lanczos(
     A: LinearOperator,
     k: int,
@@ -284,19 +363,23 @@ def _thick_restart_lanczos(
 ) -> EigenResult:
     n, dtype, device = A.dim, A.dtype, A.device
     m_max = max_basis
-    V = torch.empty(m_max + 1, n, dtype=dtype, device=device)  # rows: contiguous vectors
+    V = _Basis(m_max + 1, k, n, dtype, device)  # rows: contiguous vectors
     T = torch.zeros(m_max + 1, m_max + 1, dtype=torch.float64)
-    V[0] = v0
+    V.row(0).copy_(v0)
+    del v0
     j = 0  # index of the vector to expand next
     products = 0
     steps = 0
     floor_factor = math.sqrt(torch.finfo(dtype).eps)
     while True:
-        w = checked_product(A, V[j])
+        w = checked_product(A, V.row(j))
         products += 1
         steps += 1
-        w, h = _orthogonalise(w, V[: j + 1].T)
-        beta = float(w.norm())
+        # the new direction is formed in the next free row: no vector besides the product
+        nxt = V.row(j + 1)
+        h = V.orthogonalise_into(w, j + 1, nxt)
+        del w
+        beta = float(nxt.norm())
         h64 = h.to(torch.float64).cpu()
         T[: j + 1, j] = h64
         T[j, : j + 1] = h64
@@ -321,7 +404,8 @@ def _thick_restart_lanczos(
         if converged or products >= max_iters or m == n:
             if m == n:
                 converged = count == k  # the whole space: the Ritz pairs are exact
-            X = V[:m].T @ S[:, idx].to(dtype=dtype, device=device)
+            V.rotate(S[:, idx], m)
+            X = V.take(count)
             return EigenResult(
                 eigenvalues=theta[idx].to(dtype=dtype, device=device),
                 eigenvectors=X,
@@ -332,24 +416,22 @@ def _thick_restart_lanczos(
                 which=which,
             )
         if beta <= 100 * torch.finfo(dtype).eps * max(anorm, 1e-300):
-            v = _fresh_direction(V[:m].T, gen, dtype, device)  # invariant subspace: new direction
+            _fresh_direction(V, m, gen)  # invariant subspace: a new direction in row m
             beta = 0.0
         else:
-            v = w / beta
+            nxt.div_(beta)
         if m == m_max:  # thick restart: keep the best Ritz vectors and the residual direction
-            keep = min(m_max - 1, k + (m_max - k) // 2)
+            keep = restart_size(k, m_max)
             keep_idx = _select(theta, which, keep)
-            Y = S[:, keep_idx]
-            V[:keep] = Y.T.to(dtype=dtype, device=device) @ V[:m]
+            V.rotate(S[:, keep_idx], m)
+            V.row(keep).copy_(V.row(m))
             s = beta * S[m - 1, keep_idx]
             T.zero_()
             T[:keep, :keep] = torch.diag(theta[keep_idx])
             T[keep, :keep] = s
             T[:keep, keep] = s
-            V[keep] = v
             j = keep
         else:
-            V[m] = v
             T[m, m - 1] = beta
             T[m - 1, m] = beta
             j = m
