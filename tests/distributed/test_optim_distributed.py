@@ -256,6 +256,7 @@ def _fault_worker(rank: int, port: int, out: str, fault: str) -> None:
             },
             Path(out) / f"{fault}-rank{rank}.pt",
         )
+        dist.barrier()  # no rank tears gloo down while the other still communicates
     finally:
         dist.destroy_process_group()
 
