@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from sdopt import cli
 from sdopt.cli import GROK_DEFAULTS, build_parser, main
 
 TINY = [
@@ -130,6 +135,146 @@ def test_grok_resume_equals_uninterrupted(tmp_path: Path) -> None:
     b = json.loads((tmp_path / "cut" / "summary.json").read_text())
     for key in ("final_train_accuracy", "final_val_accuracy", "final_sharpness_dimension", "steps"):
         assert a[key] == b[key]
+
+
+def test_an_existing_run_is_refused_without_resume_or_overwrite(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["grok", *TINY, "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    for argv in (TINY, [*TINY, "--mode", "lr"]):  # the same run again; a second mode
+        assert main(["grok", *argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert err.startswith(f"sdopt grok: error: Invalid --out: '{out}' already holds a run")
+        assert "--resume" in err and "--overwrite" in err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing lost
+
+
+def test_overwrite_replaces_the_run_files(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["grok", *TINY, "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("mine\n")
+    capsys.readouterr()
+    argv = ["grok", *TINY, "--out", str(out), "--mode", "none", "--no-plot", "--overwrite"]
+    assert main(argv) == 0
+    assert "--overwrite: replaced the run files in" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["sd_mode"] == "none"
+    assert not (out / "grokking.png").exists()  # --no-plot: the old plot is gone, not stale
+    assert (out / "notes.txt").read_text() == "mine\n"  # only sdopt's own files are replaced
+
+
+def test_sweep_refuses_existing_runs_and_overwrites_on_request(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "sweep"
+    argv = ["sweep", *TINY, "--out", str(out), "--modes", "none", "--optimizers", "adamw"]
+    argv += ["--seeds", "0"]
+    assert main(argv) == 0
+    table = (out / "sweep.csv").read_text()
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Invalid --out" in err and "--overwrite" in err and "--resume" not in err
+    assert (out / "sweep.csv").read_text() == table
+    assert main([*argv, "--overwrite"]) == 0
+    assert "--overwrite: replaced" in capsys.readouterr().err
+
+
+def test_resume_prints_the_step_it_resumed_from(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["grok", *TINY, "--steps", "8", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["grok", *TINY, "--out", str(out), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"resumed from step 8 of {out / 'checkpoint.pt'} (to step 12)" in err
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early: {proc.returncode} {proc.communicate()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run to start")
+        time.sleep(0.1)
+
+
+LONG = ["--p", "7", "--width", "8", "--mode", "none", "--eval-every", "50", "--no-progress"]
+LONG += ["--no-plot", "--checkpoint-every", "0", "--threads", "1"]
+
+
+def _start(out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "sdopt", "grok", *LONG, "--steps", "10000000", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "metrics.csv"
+    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 4, proc)
+    return proc
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues_from_it(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    proc = _start(out)  # --checkpoint-every 0: only the end (or a signal) writes a checkpoint
+    assert not (out / "checkpoint.pt").exists()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated (SIGTERM)" in err and "--resume" in err and "Traceback" not in err
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    step = ckpt["step"]
+    assert step >= 100  # metrics.csv had the rows of steps 0, 50 and 100
+    argv = ["grok", *LONG, "--steps", str(step + 7), "--out", str(out), "--resume"]
+    assert main(argv) == 0
+    assert f"resumed from step {step} of" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == step + 7
+    with (out / "metrics.csv").open() as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == sorted(set(steps)) and steps[-1] == step + 7
+
+
+def test_a_second_signal_exits_at_once_without_a_traceback(tmp_path: Path) -> None:
+    # the first signal raises KeyboardInterrupt (train saves a checkpoint); a second one,
+    # during that save or during shutdown, exits at once: status 128 + signal, one line
+    code = "\n".join(
+        [
+            "import os, signal, time",
+            "from sdopt.cli import _Interrupts",
+            "with _Interrupts('grok', keep=True):",
+            "    try:",
+            "        os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)",
+            "    except KeyboardInterrupt:",
+            "        print('first', flush=True)",
+            "        os.kill(os.getpid(), signal.SIGINT); time.sleep(30)",
+            "        print('not reached', flush=True)",
+        ]
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, proc
+    assert proc.stdout.split() == ["first"]
+    assert "interrupted again: exiting now" in proc.stderr and "Traceback" not in proc.stderr
+    # in-process (keep=False, as main(argv) runs): the handlers are restored afterwards
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with cli._Interrupts("grok"):
+        assert signal.getsignal(signal.SIGINT) != before[0]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_ctrl_c_twice_on_a_real_run_exits_cleanly(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _start(out)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    # 130: our handler's exit; -SIGINT: the second signal came during interpreter shutdown,
+    # after Python restored the default handler (the shell shows both as status 130)
+    assert proc.returncode in (128 + signal.SIGINT, -signal.SIGINT), err
+    assert "Traceback" not in err and "interrupted" in err
+    if (out / "checkpoint.pt").exists():  # saved unless the second signal cut the save short
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] > 0
 
 
 @pytest.mark.parametrize(
