@@ -685,9 +685,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = (
             "terminated (SIGTERM)" if signum == getattr(signal, "SIGTERM", None) else "interrupted"
         )
+        hint = ""
+        if args.command == "grok":  # train() saved the checkpoint of the run (of a --grid point)
+            hint = " (checkpoint saved; continue with --resume)"
+        elif args.command == "sweep":
+            hint = " (the current run's checkpoint is saved in its folder)"
         print(
-            f"sdopt {args.command}: {name} after {time.perf_counter() - started:.0f} s "
-            "(checkpoint saved; continue with --resume)",
+            f"sdopt {args.command}: {name} after {time.perf_counter() - started:.0f} s{hint}",
             file=sys.stderr,
         )
         return 128 + int(signum)

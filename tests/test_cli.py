@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sdopt import cli
-from sdopt.cli import GROK_DEFAULTS, build_parser, main
+from sdopt.cli import GROK_DEFAULTS, build_parser, config_from_args, main
 
 TINY = [
     "--p",
@@ -311,6 +311,9 @@ def test_defaults_are_the_documented_ones() -> None:
     args = build_parser().parse_args(["grok"])
     assert args.p == GROK_DEFAULTS["p"] and args.mode == "monitor" and args.optimizer == "adamw"
     assert args.steps == GROK_DEFAULTS["steps"] and args.wandb == "disabled"
+    # one thread: measured faster than torch's one-per-core on a shared CPU (docs/cli.md)
+    assert args.threads == 1 and build_parser().parse_args(["sweep"]).threads == 1
+    assert config_from_args(args).threads == 1
 
 
 @pytest.mark.parametrize("command", ["grok", "sweep"])
