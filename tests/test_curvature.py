@@ -6,6 +6,7 @@ logistic regression), ``Jᵀ H J`` from dense Jacobians, third derivatives from 
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -18,7 +19,9 @@ from torch.func import hessian, jacfwd, jacrev
 from sdopt import GGNOperator, HessianOperator, hvp
 from sdopt.curvature import (
     MODES,
+    CurvatureApproximationWarning,
     CurvatureFallbackWarning,
+    CurvatureRandomnessWarning,
     default_mode,
     make_functional_loss,
 )
@@ -336,6 +339,15 @@ class Messy(nn.Module):
         return self.fc2(self.drop(torch.tanh(self.bn(self.fc1(x)))))
 
 
+def _attention_flags():
+    return (
+        torch.backends.mha.get_fastpath_enabled(),
+        torch.backends.cuda.math_sdp_enabled(),
+        torch.backends.cuda.flash_sdp_enabled(),
+        torch.backends.cuda.mem_efficient_sdp_enabled(),
+    )
+
+
 @pytest.mark.parametrize("mode", [*MODES, "finite-difference"])
 def test_state_is_restored(mode):
     torch.manual_seed(0)
@@ -349,11 +361,13 @@ def test_state_is_restored(mode):
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     flags = {n: m.training for n, m in model.named_modules()}
     rng = torch.get_rng_state()
+    backends = _attention_flags()
     for dropout in ("off", "fixed"):
         op = HessianOperator(model, F.cross_entropy, (x, y), mode=mode, dropout=dropout)
         op.matmat(torch.ones(op.dim, 2, dtype=DT))
         op.loss_and_gradient()
     assert torch.equal(torch.get_rng_state(), rng)
+    assert _attention_flags() == backends
     assert {n: m.training for n, m in model.named_modules()} == flags
     assert model.bn.track_running_stats
     for n, p in model.named_parameters():
@@ -395,6 +409,60 @@ def test_dropout_off_is_eval_behaviour_and_fixed_is_deterministic():
     torch.testing.assert_close(outs[0], H @ V, atol=1e-10, rtol=0)
 
 
+def test_flags_are_restored_exactly_even_when_a_pass_raises():
+    """A user's own non-default settings survive: a nested train/eval pattern, the MHA fast
+    path switched off, flash attention disabled; also after the model raises mid-pass."""
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.Sequential(nn.Dropout(0.2), nn.BatchNorm1d(4)), nn.Linear(4, 3)
+    ).to(DT)
+    model.train()
+    model[1][0].eval()
+    model[2].eval()
+    flags = [m.training for m in model.modules()]
+    x = torch.randn(8, 4, generator=_gen(37), dtype=DT)
+    y = torch.randint(0, 3, (8,), generator=_gen(38))
+    fastpath, flash = (
+        torch.backends.mha.get_fastpath_enabled(),
+        torch.backends.cuda.flash_sdp_enabled(),
+    )
+    torch.backends.mha.set_fastpath_enabled(False)
+    torch.backends.cuda.enable_flash_sdp(False)
+    try:
+        before = _attention_flags()
+        op = HessianOperator(model, F.cross_entropy, (x, y))
+        op.matvec(torch.ones(op.dim, dtype=DT))
+        assert [m.training for m in model.modules()] == flags and _attention_flags() == before
+
+        def failing(outputs, targets):
+            assert not model[0].training and model[1][1].training  # inside the pass
+            raise ValueError("user error")
+
+        with pytest.raises(ValueError, match="user error"):
+            HessianOperator(model, failing, (x, y)).matvec(torch.ones(op.dim, dtype=DT))
+        assert [m.training for m in model.modules()] == flags and _attention_flags() == before
+        assert model[1][1].track_running_stats
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        torch.backends.cuda.enable_flash_sdp(flash)
+
+
+def test_instance_norm_tracking_running_stats_uses_instance_statistics_in_training():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 2), nn.InstanceNorm1d(3, track_running_stats=True))
+    model = nn.Sequential(*model, nn.Flatten(), nn.Tanh(), nn.Linear(3 * 4, 3)).to(DT).train()
+    model[1].running_mean.fill_(0.5)
+    x = torch.randn(6, 2, 5, generator=_gen(39), dtype=DT)
+    y = torch.randint(0, 3, (6,), generator=_gen(40))
+    reference = copy.deepcopy(model)
+    reference[1].track_running_stats = False  # instance statistics, no running statistics
+    H = dense_hessian(make_functional_loss(reference, F.cross_entropy, (x, y)))
+    torch.testing.assert_close(
+        HessianOperator(model, F.cross_entropy, (x, y)).to_dense(), H, atol=1e-10, rtol=0
+    )
+    assert torch.all(model[1].running_mean == 0.5) and int(model[1].num_batches_tracked) == 0
+    assert model[1].training and model[1].track_running_stats
+
+
 def test_batchnorm_uses_batch_statistics_in_training_and_running_in_eval():
     model, loss_fn, data = make_cnn()
     model.bn.running_mean.fill_(0.3)
@@ -408,38 +476,248 @@ def test_batchnorm_uses_batch_statistics_in_training_and_running_in_eval():
 
 
 # --------------------------------------------------------------------------- fallback
-def test_fallback_from_fused_attention_warns_and_stays_correct():
+class _OnceTanh(torch.autograd.Function):
+    """``tanh`` whose backward refuses to be differentiated (as fused kernels do: "derivative
+    for ... is not implemented"), with no forward-mode formula and no ``setup_context`` (so no
+    ``torch.func`` transform): no exact product mode exists, finite differences are the only
+    route. (``@once_differentiable`` would not do: in torch 2.13 its double backward silently
+    returns zeros instead of raising.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError("_OnceTanh: derivative for its backward is not implemented")
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class OnceMLP(nn.Module):
+    """An MLP with a ReLU and a once-differentiable tanh; ``plain=True`` uses ``torch.tanh``."""
+
+    def __init__(self, plain=False):
+        super().__init__()
+        self.plain = plain
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        h = self.fc2(h)
+        return self.fc3(torch.tanh(h) if self.plain else _OnceTanh.apply(h))
+
+
+def _once_problem(dtype):
     torch.manual_seed(0)
-    fused, einsum = TinyAttention(sdpa=True).to(DT), TinyAttention(sdpa=False).to(DT)
-    einsum.load_state_dict(fused.state_dict())
-    x = torch.randn(6, 3, 4, generator=_gen(26), dtype=DT)
-    y = torch.randint(0, 3, (6,), generator=_gen(27))
-    H = dense_hessian(make_functional_loss(einsum, F.cross_entropy, (x, y)))
-    op = HessianOperator(fused, F.cross_entropy, (x, y))
+    once, plain = OnceMLP().to(dtype), OnceMLP(plain=True).to(DT)
+    plain.load_state_dict({k: v.to(DT) for k, v in once.state_dict().items()})
+    x = torch.randn(32, 4, generator=_gen(26), dtype=dtype)
+    y = torch.randint(0, 3, (32,), generator=_gen(27))
+    H = dense_hessian(make_functional_loss(plain, F.cross_entropy, (x.to(DT), y)))
+    return once, (x, y), H
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fallback_to_finite_differences_warns_approximate_and_stays_accurate(dtype):
+    once, data, H = _once_problem(dtype)
+    op = HessianOperator(once, F.cross_entropy, data)
     v = torch.randn(op.dim, generator=_gen(28), dtype=DT)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = op.matvec(v)
+        out = op.matvec(v.to(dtype))
     messages = [str(w.message) for w in caught if w.category is CurvatureFallbackWarning]
     assert (
         "mode 'reuse' is not supported" in messages[0]
-        and "falling back to 'fwd-rev'" in messages[0]
+        and "falling back to 'fwd-rev'" in (messages[0])
     )
     assert "falling back to 'finite-difference'" in messages[-1]
     assert op.mode == "finite-difference"
-    assert (out - H @ v).abs().max() <= 1e-6 * H.abs().max() * v.abs().max()
+    approx = [w for w in caught if w.category is CurvatureApproximationWarning]
+    assert len(approx) == 1 and "approximate" in str(approx[0].message)
+    discrepancy = op._engine.discrepancy
+    assert f"disagree by {discrepancy:.1e} relative" in str(approx[0].message)
+    assert op._engine.evaluation_dtype == torch.float64  # float32 models evaluated in float64
+    # float64 evaluation with a step for float64: accurate even for a float32 model (the old
+    # float32 step ε^{1/3}(1 + ‖θ‖) crossed ReLU kinks: relative errors of 1e-2 and worse)
+    rel = float((out.double() - H @ v).norm() / (H @ v).norm())
+    assert rel <= (1e-7 if dtype == torch.float64 else 1e-5), rel
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        op.matvec(v)  # later products use the fallback directly, without warning again
+        warnings.simplefilter("error")  # later products: no warning again, same step
+        again = op.matvec(v.to(dtype))
+    torch.testing.assert_close(again, out, atol=0, rtol=0)
+
+
+class Float32Only(OnceMLP):
+    """Hard-codes float32 (a float64 evaluation raises), so finite differences stay in float32."""
+
+    def forward(self, x):
+        return super().forward(x) @ torch.eye(3, dtype=torch.float32)
+
+
+def test_finite_differences_in_the_models_dtype_self_check_the_step():
+    torch.manual_seed(0)
+    model = Float32Only()
+    plain = OnceMLP(plain=True).to(DT)
+    plain.load_state_dict({k: v.to(DT) for k, v in model.state_dict().items()})
+    x = torch.randn(32, 4, generator=_gen(26))
+    y = torch.randint(0, 3, (32,), generator=_gen(27))
+    H = dense_hessian(make_functional_loss(plain, F.cross_entropy, (x.to(DT), y)))
+    op = HessianOperator(model, F.cross_entropy, (x, y), mode="finite-difference")
+    v = torch.randn(op.dim, generator=_gen(28), dtype=DT)
+    with pytest.warns(CurvatureApproximationWarning, match="approximate .* disagree by"):
+        out = op.matvec(v.float())
+    engine = op._engine
+    assert engine.evaluation_dtype == torch.float32
+    assert 0 <= engine.discrepancy < 1e-2
+    rel = float((out.double() - H @ v).norm() / (H @ v).norm())
+    assert rel <= 5e-3, rel  # float32 rounding: about ε^{2/3}, amplified by the conditioning
+    # the measured discrepancy is an honest error estimate (same order as the true error)
+    assert rel <= 30 * engine.discrepancy + 1e-4
 
 
 def test_fallback_disabled_raises():
-    torch.manual_seed(0)
-    model = TinyAttention(sdpa=True).to(DT)
-    data = (torch.randn(4, 3, 4, dtype=DT), torch.tensor([0, 1, 2, 0]))
-    op = HessianOperator(model, F.cross_entropy, data, fallback=False)
-    with pytest.raises(RuntimeError, match=r"derivative for .* is not implemented"):
+    once, data, _ = _once_problem(DT)
+    op = HessianOperator(once, F.cross_entropy, data, fallback=False)
+    with pytest.raises(RuntimeError, match="derivative for its backward is not implemented"):
         op.matvec(torch.ones(op.dim, dtype=DT))
+
+
+# --------------------------------------------------------------------------- exact attention
+@pytest.mark.parametrize("mode", EXACT_MODES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_attention_gets_exact_products_on_the_math_kernel(mode, dtype):
+    """F.scaled_dot_product_attention routes to a fused CPU kernel without double backward or
+    forward AD; curvature passes force the math kernel, so every exact mode works."""
+    torch.manual_seed(0)
+    fused, einsum = TinyAttention(sdpa=True).to(dtype), TinyAttention(sdpa=False).to(DT)
+    einsum.load_state_dict({k: v.to(DT) for k, v in fused.state_dict().items()})
+    x = torch.randn(6, 3, 4, generator=_gen(26), dtype=DT)
+    y = torch.randint(0, 3, (6,), generator=_gen(27))
+    H = dense_hessian(make_functional_loss(einsum, F.cross_entropy, (x, y)))
+    op = HessianOperator(fused, F.cross_entropy, (x.to(dtype), y), mode=mode, fallback=False)
+    V = torch.randn(op.dim, 2, generator=_gen(28), dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CurvatureFallbackWarning)
+        out = op.matmat(V.to(dtype)).double()
+    tol = 1e-10 if dtype == torch.float64 else 2e-3
+    assert float((out - H @ V).norm() / (H @ V).norm()) <= tol
+
+
+class StockEncoder(nn.Module):
+    """A stock ``nn.TransformerEncoder`` (default settings) and a linear head."""
+
+    def __init__(self, dropout=0.1):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(1))
+
+
+def exact_dense_hessian(model, loss_fn, x, y):
+    """Independent ground truth: a float64 copy in eval mode (dropout off), attention on the
+    math kernel and fast paths off, dense by plain double backward (no sdopt code)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    m = copy.deepcopy(model).double().eval()
+    params = [p for p in m.parameters() if p.requires_grad]
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            g = torch.autograd.grad(loss_fn(m(x.double()), y), params, create_graph=True)
+            g = torch.cat([t.reshape(-1) for t in g])
+            rows = [
+                torch.cat(
+                    [t.reshape(-1) for t in torch.autograd.grad(gi, params, retain_graph=True)]
+                )
+                for gi in g
+            ]
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+    return torch.stack(rows)
+
+
+def test_stock_transformer_encoder_in_train_mode_with_dropout_is_exact():
+    """Issue 12: HVP relative error 0.71 and λ_max 20.1 against an exact 5.29 before the fix
+    (fused attention, then float32 finite differences with too large a step)."""
+    torch.manual_seed(0)
+    model = StockEncoder().train()
+    x = torch.randn(16, 5, 4, generator=_gen(30))
+    y = torch.randint(0, 3, (16,), generator=_gen(31))
+    H = exact_dense_hessian(model, F.cross_entropy, x, y)
+    op = HessianOperator(model, F.cross_entropy, (x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CurvatureFallbackWarning)
+        dense = op.to_dense().double()
+    assert op.mode == "reuse"
+    assert float((dense - H).norm() / H.norm()) <= 2e-3
+    top, exact_top = torch.linalg.eigvalsh(dense)[-1], torch.linalg.eigvalsh(H)[-1]
+    assert abs(float(top - exact_top)) <= 2e-3 * abs(float(exact_top))
+    assert model.training and all(m.training for m in model.modules())
+
+
+class GatedDropout(nn.Module):
+    """Functional dropout gated on the module's own flag, as Hugging Face writes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = 0.5
+        self.qkv, self.out = nn.Linear(4, 12), nn.Linear(4, 3)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 2, 2).permute(2, 0, 3, 1, 4)
+        z = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0)
+        z = F.dropout(z.transpose(1, 2).reshape(b, t, d), self.p, training=self.training)
+        return self.out(z[:, -1])
+
+
+@pytest.mark.parametrize("mode", EXACT_MODES)
+def test_dropout_off_turns_off_functional_dropout_gated_on_training_flags(mode):
+    torch.manual_seed(0)
+    model = GatedDropout().to(DT).train()
+    x = torch.randn(6, 3, 4, generator=_gen(32), dtype=DT)
+    y = torch.randint(0, 3, (6,), generator=_gen(33))
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, generator=_gen(34), dtype=DT)
+    H = exact_dense_hessian(model, F.cross_entropy, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = HessianOperator(model, F.cross_entropy, (x, y), mode=mode, fallback=False).matmat(V)
+    torch.testing.assert_close(out, H @ V, atol=1e-10, rtol=0)
+    assert model.training
+
+
+class UngatedNoise(nn.Module):
+    """Randomness that no training flag gates (``F.dropout``'s default ``training=True``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(F.dropout(torch.tanh(self.fc1(x)), 0.5))
+
+
+def test_ungated_randomness_warns_and_is_one_fixed_matrix():
+    torch.manual_seed(0)
+    model = UngatedNoise().to(DT)
+    x = torch.randn(10, 4, generator=_gen(35), dtype=DT)
+    y = torch.randint(0, 3, (10,), generator=_gen(36))
+    rng = torch.get_rng_state()
+    op = HessianOperator(model, F.cross_entropy, (x, y))
+    with pytest.warns(CurvatureRandomnessWarning, match="draws random numbers"):
+        dense = op.to_dense()
+    torch.testing.assert_close(dense, dense.T, atol=1e-12, rtol=0)  # one matrix, symmetric
+    again = HessianOperator(model, F.cross_entropy, (x, y), mode="fwd-rev").to_dense()
+    torch.testing.assert_close(again, dense, atol=1e-12, rtol=0)
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 class _RaisingLoss:

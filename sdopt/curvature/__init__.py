@@ -14,7 +14,11 @@ Stability", arXiv:2604.19740) is computed. This package provides it as a linear 
   left untouched.
 """
 
-from sdopt.curvature.functional import FunctionalLoss, make_functional_loss
+from sdopt.curvature.functional import (
+    CurvatureRandomnessWarning,
+    FunctionalLoss,
+    make_functional_loss,
+)
 from sdopt.curvature.ggn import GGNOperator
 from sdopt.curvature.operators import (
     MODES,
@@ -24,11 +28,14 @@ from sdopt.curvature.operators import (
     default_mode,
     hvp,
 )
+from sdopt.curvature.products import CurvatureApproximationWarning
 
 __all__ = [
     "MODES",
+    "CurvatureApproximationWarning",
     "CurvatureFallbackWarning",
     "CurvatureOperator",
+    "CurvatureRandomnessWarning",
     "FunctionalLoss",
     "GGNOperator",
     "HessianOperator",

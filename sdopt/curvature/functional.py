@@ -31,20 +31,56 @@ else changing):
 from __future__ import annotations
 
 import contextlib
+import copy
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.modules.batchnorm import _NormBase
 
 from sdopt._checks import check_choice, check_int
 
-__all__ = ["FunctionalLoss", "make_functional_loss", "normalize_batches"]
+__all__ = [
+    "CurvatureRandomnessWarning",
+    "FunctionalLoss",
+    "make_functional_loss",
+    "normalize_batches",
+]
 
 DROPOUT_CHOICES = ("off", "fixed")
 
 Batch = tuple[Any, Any]
+
+
+class CurvatureRandomnessWarning(UserWarning):
+    """The model draws random numbers during a curvature pass with ``dropout="off"``."""
+
+
+def _math_attention() -> contextlib.AbstractContextManager[Any]:
+    """Scaled-dot-product attention on its math kernel (the only one with double backward
+    and forward-mode AD; fused CPU/CUDA kernels have neither)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return torch.backends.cuda.sdp_kernel(
+            enable_flash=False, enable_math=True, enable_mem_efficient=False
+        )
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _get_fastpath() -> bool:
+    getter = getattr(torch.backends.mha, "get_fastpath_enabled", None)
+    return bool(getter()) if getter is not None else True
+
+
+def _set_fastpath(value: bool) -> None:
+    """The ``nn.MultiheadAttention`` / ``nn.TransformerEncoder`` fused inference fast path."""
+    setter = getattr(torch.backends.mha, "set_fastpath_enabled", None)
+    if setter is not None:
+        setter(value)
 
 
 def _is_pair(obj: Any) -> bool:
@@ -114,6 +150,19 @@ def _check_not_empty(batch: Any, name: str) -> None:
                 f"Invalid {name}: an empty batch ({part} of shape {shape}; each batch needs at "
                 "least one sample)"
             )
+
+
+def _cast(obj: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors in ``obj`` (nested tuples, lists, mappings) cast to ``dtype``."""
+    if isinstance(obj, Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, Mapping):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_cast(v, dtype) for v in obj)
+    if isinstance(obj, list):
+        return [_cast(v, dtype) for v in obj]
+    return obj
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -208,15 +257,11 @@ class FunctionalLoss:
         self._versions = [p._version for p in self.params]
         # Buffers are cloned once: nothing a forward pass does can reach the module's own.
         self.buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
-        self._dropout_modules = [
-            m
-            for m in self.model.modules()
-            if isinstance(m, nn.modules.dropout._DropoutNd)
-            or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
-        ]
-        self._batchnorms = [
-            m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        ]
+        # Every module's flag is saved and restored around a pass; BatchNorm / InstanceNorm in
+        # training mode keep it (batch statistics) with their running statistics frozen.
+        self._modules = list(self.model.modules())
+        self._batchnorms = [m for m in self._modules if isinstance(m, _NormBase)]
+        self._random_warned = False
 
     # ----------------------------------------------------------------------------- flat vectors
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -243,6 +288,21 @@ class FunctionalLoss:
         m = tensors[0].shape[0]
         return torch.cat([t.reshape(m, -1).to(self.dtype) for t in tensors], dim=1).t()
 
+    def astype(self, dtype: torch.dtype) -> FunctionalLoss:
+        """The same loss evaluated in ``dtype``: a copy whose parameters, floating buffers and
+        floating inputs and targets are cast (the module itself is shared and not changed).
+
+        Used by finite differences to evaluate a low-precision model's gradients in float64;
+        a model whose code hard-codes its dtype may fail in another one.
+        """
+        other = copy.copy(self)
+        other.params = tuple(p.detach().to(dtype) for p in self.params)
+        other._versions = [p._version for p in other.params]
+        other.buffers = {n: _cast(b, dtype) for n, b in self.buffers.items()}
+        other.batches = [(_cast(x, dtype), _cast(y, dtype)) for x, y in self.batches]
+        other.dtype = dtype
+        return other
+
     # ----------------------------------------------------------------------------- evaluation
     def check_unchanged(self) -> None:
         """Raise if a trainable parameter was modified in place since construction."""
@@ -256,34 +316,81 @@ class FunctionalLoss:
 
     @contextlib.contextmanager
     def evaluation(self) -> Iterator[None]:
-        """Context for every pass: dropout per :attr:`dropout`, BatchNorm statistics frozen,
-        module flags and the global RNG restored on exit."""
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        flags = [m.training for m in self._dropout_modules]
+        """Context for every pass: an exact, deterministic, side-effect-free forward pass.
+
+        - attention on a path with double backward and forward-mode AD: scaled-dot-product
+          attention restricted to its math kernel, the ``nn.MultiheadAttention`` /
+          ``nn.TransformerEncoder`` fast paths off (fused kernels have neither);
+        - ``dropout="off"``: every module except BatchNorm / InstanceNorm in eval mode, so
+          dropout modules *and* dropout that a module gates on its own ``training`` flag
+          (Hugging Face attention dropout, ``F.dropout(x, training=self.training)``) are off;
+        - BatchNorm / InstanceNorm in training mode: batch statistics, running statistics not
+          updated;
+        - every module's ``training`` and ``track_running_stats``, the attention flags and the
+          global RNG restored exactly on exit.
+        """
+        flags = [m.training for m in self._modules]
         tracking = [m.track_running_stats for m in self._batchnorms]
-        with torch.random.fork_rng(devices=devices, enabled=True):
+        fastpath = _get_fastpath()
+        with torch.random.fork_rng(devices=self._rng_devices(), enabled=True), _math_attention():
             try:
+                _set_fastpath(False)
                 if self.dropout == "off":
-                    for m in self._dropout_modules:
-                        m.training = False
+                    for m in self._modules:
+                        if not isinstance(m, _NormBase):
+                            m.training = False
                 for m in self._batchnorms:
                     if m.training:
                         # batch statistics, no running-statistics update (buffers untouched)
                         m.track_running_stats = False
                 yield
             finally:
-                for m, flag in zip(self._dropout_modules, flags):
+                for m, flag in zip(self._modules, flags):
                     m.training = flag
                 for m, flag in zip(self._batchnorms, tracking):
                     m.track_running_stats = flag
+                _set_fastpath(fastpath)
+
+    def _rng_devices(self) -> list[int]:
+        return [self.device.index or 0] if self.device.type == "cuda" else []
+
+    def _generators(self) -> list[torch.Generator]:
+        """The generators :meth:`evaluation` forks: the CPU one and this device's."""
+        gens = [torch.random.default_generator]
+        if self.device.type == "cuda":
+            gens.append(torch.cuda.default_generators[self.device.index or 0])
+        return gens
 
     def batch_outputs(self, params: Sequence[Tensor], index: int) -> Any:
-        """``model(x_b; params)`` for batch ``index``; call inside :meth:`evaluation`."""
+        """``model(x_b; params)`` for batch ``index``; call inside :meth:`evaluation`.
+
+        The forked generators are reseeded with ``dropout_seed + index`` before the pass in
+        both dropout modes, so any randomness the model still draws is the same on every pass
+        (one fixed matrix). With ``dropout="off"`` such randomness (noise that no ``training``
+        flag gates, e.g. ``F.dropout(x, 0.1)`` or ``torch.bernoulli`` masks) is reported once
+        with a :class:`CurvatureRandomnessWarning`.
+        """
         state = dict(self.buffers)
         state.update(zip(self.names, params))
-        if self.dropout == "fixed" and self._dropout_modules:
-            torch.manual_seed(self.dropout_seed + index)
-        return _call_model(self.model, state, self.batches[index][0])
+        gens = self._generators()
+        for g in gens:
+            g.manual_seed(self.dropout_seed + index)
+        watch = self.dropout == "off" and not self._random_warned
+        before = [g.get_state() for g in gens] if watch else []
+        out = _call_model(self.model, state, self.batches[index][0])
+        if watch and any(not torch.equal(g.get_state(), b) for g, b in zip(gens, before)):
+            self._random_warned = True
+            warnings.warn(
+                f"sdopt: {type(self.model).__name__} draws random numbers during curvature "
+                "passes although dropout='off' put every module except BatchNorm in eval mode "
+                "(randomness that no module's training flag gates, e.g. F.dropout(x, p) or "
+                "torch.bernoulli masks); each pass reseeds the generator, so the operator is the "
+                "Hessian of one fixed random draw. Gate the randomness on self.training to "
+                "measure the noise-free loss",
+                CurvatureRandomnessWarning,
+                stacklevel=2,
+            )
+        return out
 
     def batch_loss(self, params: Sequence[Tensor], index: int) -> Tensor:
         """``loss_fn(model(x_b; params), y_b)`` for batch ``index``; call inside :meth:`evaluation`."""
