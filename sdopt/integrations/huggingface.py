@@ -1,22 +1,43 @@
-"""Hugging Face ``transformers`` adapter: forward :class:`sdopt.SDOptimizer` records.
+"""Hugging Face ``transformers`` adapter: :class:`sdopt.SDOptimizer` records in the ``Trainer``'s
+log history.
 
-Pass an :class:`~sdopt.SDOptimizer` to the ``Trainer`` through ``optimizers=(opt, scheduler)``
-and add :class:`SharpnessDimensionTrainerCallback`::
+Wrap the optimizer the ``Trainer`` builds itself, by overriding ``create_optimizer`` (its
+parameter groups keep the ``Trainer``'s weight-decay split: no decay on biases and norms), and
+add :class:`SharpnessDimensionTrainerCallback`::
 
     from sdopt.integrations.huggingface import SharpnessDimensionTrainerCallback
 
-    base = torch.optim.AdamW(model.parameters(), lr=5e-5)
-    opt = SDOptimizer(base, model=model, loss_fn=loss_fn, data=curvature_batch, every=200)
-    trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, None),
-                      callbacks=[SharpnessDimensionTrainerCallback(loggers=[WandbLogger()])])
+    class SDTrainer(Trainer):
+        def create_optimizer(self, model=None):
+            optimizer = super().create_optimizer(model)
+            if not isinstance(optimizer, SDOptimizer):  # a second train() reuses it
+                self.optimizer = SDOptimizer(optimizer, model=self.model, loss_fn=loss_fn,
+                                             data=curvature_batch, every=200)
+            return self.optimizer
+
+    trainer = SDTrainer(model=model, args=args, train_dataset=ds,
+                        callbacks=[SharpnessDimensionTrainerCallback(loggers=[WandbLogger()])])
+
+(``optimizers=(SDOptimizer(AdamW(model.parameters(), ...)), None)`` also works, but then the
+optimizer is yours, not the ``Trainer``'s: ``args.weight_decay`` reaches no group unless you
+build the groups yourself.)
 
 At the end of every step the callback finds the SDOptimizer (also inside accelerate's
-``AcceleratedOptimizer`` wrapper), and for each new record (on the main process only):
+``AcceleratedOptimizer`` wrapper), and for each new record
 
-- sends it to the given sdopt ``loggers`` (a :class:`sdopt.loggers.WandbLogger` reuses the run
-  the ``Trainer``'s own W&B integration opened), and
-- appends ``{"step": global_step, **record.to_dict(prefix)}`` to ``state.log_history``, so the
-  values are saved in ``trainer_state.json`` with every checkpoint.
+- appends ``{**record.to_dict(prefix), "step": s}`` to ``state.log_history`` (saved in
+  ``trainer_state.json`` with every checkpoint), where ``s`` is the ``global_step`` of the
+  parameters the record measured: the estimate made during the optimizer step from ``s`` to
+  ``s + 1`` is of the model that step ``s``'s evaluation and checkpoint see, so it is logged
+  with step ``s``, not ``s + 1``;
+- sends it, on the main process only, to the given sdopt ``loggers`` (a
+  :class:`sdopt.loggers.WandbLogger` reuses the run the ``Trainer``'s own W&B integration
+  opened).
+
+A record is logged once: records restored with ``resume_from_checkpoint`` are already in the
+restored log history (and were sent by the run that made them), so they are not sent again;
+and a callback logger that writes where one of the SDOptimizer's own ``loggers`` writes (the
+same object, two W&B loggers, two file loggers on one path) is left out, with a warning.
 
 ``transformers`` is optional: ``pip install transformers``.
 """
@@ -27,7 +48,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sdopt._checks import check_str
-from sdopt.integrations import check_loggers, find_sd_optimizers
+from sdopt.integrations import check_loggers, find_sd_optimizers, without_duplicate_sinks
 
 try:
     from transformers import TrainerCallback
@@ -40,10 +61,10 @@ __all__ = ["SharpnessDimensionTrainerCallback"]
 
 
 class SharpnessDimensionTrainerCallback(TrainerCallback):
-    """Forward new SDOptimizer records to sdopt loggers and to ``state.log_history``.
+    """Add new SDOptimizer records to ``state.log_history`` and forward them to sdopt loggers.
 
     Args:
-        loggers: sdopt loggers (objects with ``log(record)``).
+        loggers: sdopt loggers (objects with ``log(record)``), closed at the end of training.
         prefix: Key prefix of the entries added to ``state.log_history``.
         optimizer: The SDOptimizer to watch; found from the callback's ``optimizer`` argument
             when ``None``.
@@ -64,24 +85,52 @@ class SharpnessDimensionTrainerCallback(TrainerCallback):
                 "or a wrapper holding one in .optimizer; None finds it from the Trainer)"
             )
         self.optimizer = optimizer
-        self._last = -1
+        self._seen: dict[int, int] = {}
+        self._active: list[Any] | None = None
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def _find(self, kwargs: dict[str, Any]) -> Any:
         candidates = [self.optimizer] if self.optimizer is not None else [kwargs.get("optimizer")]
         opts = find_sd_optimizers(candidates)
-        if not opts or not getattr(state, "is_world_process_zero", True):
+        return opts[0] if opts else None
+
+    def _start(self, opt: Any) -> None:
+        # records restored from a checkpoint were logged by the run that made them
+        self._seen[id(opt)] = opt.history[-1].step if opt.history else -1
+        self._active = without_duplicate_sinks(
+            self.loggers,
+            opt.loggers,
+            what="SharpnessDimensionTrainerCallback(loggers=...)'s",
+            owner="SDOptimizer(loggers=...)",
+        )
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        opt = self._find(kwargs)
+        if opt is not None:
+            self._start(opt)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        opt = self._find(kwargs)
+        if opt is None:
             return
-        opt = opts[0]
-        new = [r for r in opt.history if r.step > self._last]
+        if self._active is None or id(opt) not in self._seen:
+            self._start(opt)
+            self._seen[id(opt)] = -1  # not started by the Trainer: every record is new
+        last = self._seen[id(opt)]
+        new = [r for r in opt.history if r.step > last]
+        if not new:
+            return
+        self._seen[id(opt)] = new[-1].step
+        main = getattr(state, "is_world_process_zero", True)
         for record in new:
-            for logger in self.loggers:
-                logger.log(record)
-            state.log_history.append({"step": state.global_step, **record.to_dict(self.prefix)})
-        if new:
-            self._last = new[-1].step
+            # global_step counts the steps taken, opt.step_count - 1 is the one just taken
+            step = state.global_step - (opt.step_count - record.step)
+            state.log_history.append({**record.to_dict(self.prefix), "step": step})
+            if main:
+                for logger in self._active or ():
+                    logger.log(record)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        for logger in self.loggers:
+        for logger in self._active if self._active is not None else self.loggers:
             close = getattr(logger, "close", None)
             if callable(close):
                 close()
