@@ -352,6 +352,42 @@ def test_wandb_log_is_read_back_only_once_the_service_wrote_it(wandb_offline, tm
     assert any(r.get("user/loss") == 0.5 for r in _history_rows(late))
 
 
+def test_wandb_example_prints_the_folder_of_its_own_run(tmp_path: Path) -> None:
+    # a second run into the same --dir printed whichever offline-run-* folder the directory
+    # listing gave last; earlier runs (and folders named to sort last) must not be reported
+    pytest.importorskip("wandb")
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "wandb_logging.py"
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    runs = tmp_path / "w" / "wandb"
+
+    def run_example() -> Path:
+        before = set(runs.glob("offline-run-*"))
+        proc = subprocess.run(
+            [sys.executable, str(script), "--steps", "10", "--dir", str(tmp_path / "w")],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        printed = Path(proc.stdout.split("offline run written to ")[1].split(";")[0])
+        (new,) = set(runs.glob("offline-run-*")) - before
+        assert printed == new, (printed, new)
+        return printed
+
+    first = run_example()
+    for i in range(20):  # earlier runs whose names sort after any real one
+        decoy = runs / f"offline-run-99991231_235959-decoy{i:02d}"
+        decoy.mkdir()
+        (decoy / f"run-decoy{i:02d}.wandb").write_bytes(b":W&B\x00\x00\x00")
+    assert run_example() != first
+
+
 def test_wandb_logger_reuses_existing_run(wandb_offline, monkeypatch: pytest.MonkeyPatch) -> None:
     wandb, tmp_path = wandb_offline
     run = wandb.init(project="sdopt-test", dir=str(tmp_path))
