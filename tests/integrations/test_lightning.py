@@ -212,3 +212,28 @@ def test_prog_bar_must_name_fields() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SharpnessDimensionCallback(prog_bar=["lambda_max"])
+
+
+@pytest.mark.parametrize("log_skipped", [True, False])
+def test_a_skipped_estimate_puts_no_nan_into_callback_metrics(tmp_path, log_skipped) -> None:
+    batch, loader = _data()
+    x, y = batch
+    module = _Module((torch.full_like(x, float("nan")), y))  # the curvature loss is NaN
+    recorder = _Recorder()
+    stop = L.callbacks.EarlyStopping(monitor="sdopt/skipped", mode="max", patience=10)
+    callback = SharpnessDimensionCallback(log_skipped=log_skipped)
+    trainer = _trainer(tmp_path, [callback] + [stop] * log_skipped, recorder, max_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # sdopt: estimate ... skipped
+        trainer.fit(module, loader)
+    opt = trainer.optimizers[0]
+    assert [r.status for r in opt.history] == ["skipped", "skipped"]
+    rows = recorder.sd_rows()
+    if not log_skipped:
+        assert rows == [] and "sdopt/skipped" not in trainer.callback_metrics
+        return
+    assert [m["sdopt/skipped"] for _, m in rows] == [1, 1]
+    assert rows[0][1]["sdopt/lambda_max"] != rows[0][1]["sdopt/lambda_max"]  # NaN in the logs
+    metrics = trainer.callback_metrics
+    assert metrics["sdopt/skipped"].item() == 1 and "sdopt/lambda_max" not in metrics
+    assert trainer.global_step == 4 and not stop.stopped_epoch  # finite: no early stop
