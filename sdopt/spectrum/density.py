@@ -155,23 +155,49 @@ class SpectralDensity:
         return counts, edges
 
 
-def lanczos_quadrature(op: Any, v: Tensor, num_steps: int) -> tuple[Tensor, Tensor]:
+def lanczos_quadrature(
+    op: Any, v: Tensor, num_steps: int, *, reorthogonalize: bool = True
+) -> tuple[Tensor, Tensor]:
     """Gauss quadrature nodes and weights of ``v^T f(A) v / ‖v‖²`` from ``num_steps`` Lanczos steps.
 
-    Full reorthogonalisation; stops early (padding with zero weights) on an invariant subspace.
+    With ``reorthogonalize=True`` (default) every new vector is orthogonalised against all the
+    previous ones (two passes of Gram–Schmidt, in place): the solver stores ``num_steps``
+    vectors of the operator's dtype (``min(num_steps, dim)``), and each product's output is
+    the only other vector alive. With ``False`` the three-term recurrence keeps three vectors
+    whatever ``num_steps``: finite precision then duplicates converged Ritz values ("ghosts"),
+    which share the weight of the one eigenvalue they approximate, so the quadrature of a
+    smooth ``f`` stays accurate (Greenbaum 1989; Chen, Trogdon and Ubaru 2021) while single
+    nodes lose their meaning.
+
+    Stops early (padding with zero weights) on an invariant subspace.
     Returns float64 ``(nodes, weights)`` of length ``num_steps``.
     """
+    from sdopt.spectrum.lanczos import _Basis
+
     A = as_operator(op)
     m = min(num_steps, A.dim)
-    V = torch.empty(m, A.dim, dtype=A.dtype, device=A.device)
     T = torch.zeros(m, m, dtype=torch.float64)
-    V[0] = v / v.norm()
+    V = _Basis(m if reorthogonalize else 3, 0, A.dim, A.dtype, A.device)
+    V.row(0).copy_(v).div_(v.norm())
     size = m
     for j in range(m):
-        w = checked_product(A, V[j])
-        w, h = _orthogonalise(w, V[: j + 1].T)
-        T[j, j] = float(h[j])
-        beta = float(w.norm())
+        row = j if reorthogonalize else j % 3
+        w = checked_product(A, V.row(row))
+        if reorthogonalize:
+            out = V.row(j + 1) if j + 1 < m else torch.empty_like(w)
+            h = V.orthogonalise_into(w, j + 1, out)
+            alpha = float(h[j])
+        else:  # w - α v_j - β v_{j-1}, with one local reorthogonalisation against v_j
+            out = V.row((j + 1) % 3)
+            out.copy_(w)
+            if j > 0:
+                out.sub_(V.row((j - 1) % 3), alpha=float(T[j, j - 1]))
+            alpha = float(V.row(row) @ out)
+            out.sub_(V.row(row), alpha=alpha)
+            out.sub_(V.row(row), alpha=float(V.row(row) @ out))
+        del w
+        T[j, j] = alpha
+        beta = float(out.norm())
         if j + 1 == m:
             break
         if beta <= 100 * torch.finfo(A.dtype).eps * max(
@@ -179,8 +205,9 @@ def lanczos_quadrature(op: Any, v: Tensor, num_steps: int) -> tuple[Tensor, Tens
         ):
             size = j + 1
             break
-        V[j + 1] = w / beta
+        out.div_(beta)
         T[j + 1, j] = T[j, j + 1] = beta
+    del V
     theta, S = small_eigh(T[:size, :size])
     nodes = torch.full((num_steps,), float(theta[-1]), dtype=torch.float64)
     weights = torch.zeros(num_steps, dtype=torch.float64)
@@ -197,6 +224,7 @@ def stochastic_lanczos_quadrature(
     generator: torch.Generator | None = None,
     deflate: EigenResult | None = None,
     distribution: str = "rademacher",
+    reorthogonalize: bool = True,
 ) -> SpectralDensity:
     """Spectral density by SLQ: ``num_probes`` probes × ``num_steps`` Lanczos steps.
 
@@ -211,6 +239,12 @@ def stochastic_lanczos_quadrature(
             projected out of probes and operator, added back as exact point masses.
         distribution: probe distribution, ``"rademacher"`` or ``"gaussian"`` (normalised
             either way).
+        reorthogonalize: full reorthogonalisation (default; memory ``num_steps`` vectors) or
+            the three-term recurrence (three vectors); see :func:`lanczos_quadrature`.
+
+    Memory: besides the operator's own, ``min(num_steps, dim) + 2`` vectors of its dtype
+    (``3 + 2`` with ``reorthogonalize=False``), plus the ``k`` deflated eigenvectors and about
+    three vectors for the projections around each product when ``deflate`` is given.
 
     Returns:
         :class:`SpectralDensity` with ``num_products = R · num_steps``.
@@ -225,6 +259,8 @@ def stochastic_lanczos_quadrature(
         raise ValueError(
             f"Invalid distribution: {distribution!r} (must be one of 'rademacher', 'gaussian')"
         )
+    if not isinstance(reorthogonalize, bool):
+        raise ValueError(f"Invalid reorthogonalize: {reorthogonalize!r} (must be a bool)")
     if deflate is not None and not isinstance(deflate, EigenResult):
         raise ValueError(f"Invalid deflate: {type(deflate).__name__} (must be an EigenResult)")
     gen = default_generator(generator)
@@ -282,7 +318,7 @@ def stochastic_lanczos_quadrature(
             z, _ = _orthogonalise(z, Ud)
 
             def project(X: Tensor, Ud: Tensor = Ud) -> Tensor:
-                return X - Ud @ (Ud.T @ X)
+                return torch.addmm(X, Ud, Ud.T @ X, alpha=-1.0)  # one new vector
 
             from sdopt.spectrum.operators import LinearOperator
 
@@ -292,7 +328,7 @@ def stochastic_lanczos_quadrature(
                 dtype=A.dtype,
                 device=A.device,
             )
-        th, w = lanczos_quadrature(op, z, num_steps)
+        th, w = lanczos_quadrature(op, z, num_steps, reorthogonalize=reorthogonalize)
         nodes.append(th)
         weights.append(w)
     assert dim is not None

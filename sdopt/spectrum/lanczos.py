@@ -105,7 +105,9 @@ def checked_product(op: LinearOperator, X: Tensor) -> Tensor:
         raise ValueError(
             f"Invalid op: product of shape {tuple(out.shape)} for input {tuple(X.shape)}"
         )
-    if not bool(torch.isfinite(out).all()):
+    # min and max propagate NaN: no temporary (isfinite would allocate a vector and a mask)
+    low, high = torch.aminmax(out)
+    if not bool(torch.isfinite(low) & torch.isfinite(high)):
         raise FloatingPointError(
             "operator product is not finite (NaN or inf): the operator (e.g. the loss or its "
             "derivatives at these parameters) is not finite"
@@ -249,10 +251,21 @@ def top_eigenpairs(
     gen = default_generator(generator)
     dtype, device = A.dtype, A.device
 
+    Y = None if init is None else _check_init(init, n)
+    V = _Basis(max_basis + 1, k, n, dtype, device)
+    V.row(0).copy_(_start_vector(n, Y, init_noise, gen, dtype, device))
+    return _thick_restart_lanczos(A, k, which, tol, criterion, max_iters, max_basis, V, gen)
+
+
+def _start_vector(
+    n: int, Y: Tensor | None, init_noise: float, gen: torch.Generator, dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:  # fmt: skip
+    """A random unit vector, or the normalised sum of the columns of ``Y`` plus
+    ``init_noise`` of it (its temporaries are freed on return: nothing outlives the basis)."""
     v0 = random_vectors((n,), gen, dtype=dtype, device=device)
     v0 = v0 / v0.norm()
-    if init is not None:
-        Y = _check_init(init, n)
+    if Y is not None:
         # the sum of the normalised columns, as one product (no copy of init)
         inverse_norms = 1.0 / Y.norm(dim=0).to(torch.float64).clamp_min(torch.finfo(dtype).tiny)
         start = Y @ inverse_norms.to(dtype=Y.dtype, device=Y.device)
@@ -262,7 +275,7 @@ def top_eigenpairs(
             v0 = start / norm + init_noise * v0
             v0 = v0 / v0.norm()
 
-    return _thick_restart_lanczos(A, k, which, tol, criterion, max_iters, max_basis, v0, gen)
+    return v0
 
 
 def default_max_basis(k: int, dim: int, which: str = "LA") -> int:
@@ -358,15 +371,12 @@ def _thick_restart_lanczos(
     criterion: str,
     max_iters: int,
     max_basis: int,
-    v0: Tensor,
+    V: _Basis,
     gen: torch.Generator,
 ) -> EigenResult:
     n, dtype, device = A.dim, A.dtype, A.device
     m_max = max_basis
-    V = _Basis(m_max + 1, k, n, dtype, device)  # rows: contiguous vectors
     T = torch.zeros(m_max + 1, m_max + 1, dtype=torch.float64)
-    V.row(0).copy_(v0)
-    del v0
     j = 0  # index of the vector to expand next
     products = 0
     steps = 0
