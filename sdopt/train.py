@@ -88,9 +88,21 @@ METRIC_FIELDS = (
     "elapsed_seconds",
 )
 
-# fields that may differ between a run and its resumption
+# fields that may differ between a run and its resumption (threads: checkpoints of the earlier
+# default, torch's choice, stay resumable at the new default of 1; exact to the last bit only
+# with the same thread count)
 _RESUMABLE_CHANGES = frozenset(
-    {"steps", "out_dir", "progress", "resume", "checkpoint_every", "wandb", "plot", "eval_every"}
+    {
+        "steps",
+        "out_dir",
+        "progress",
+        "resume",
+        "checkpoint_every",
+        "wandb",
+        "plot",
+        "eval_every",
+        "threads",
+    }
 )
 
 

@@ -233,6 +233,13 @@ def test_resume_continues_exactly(tmp_path, kw) -> None:
     assert len(lines) == 1 + len(full.metrics)  # header + no duplicated rows
 
 
+def test_resume_accepts_another_thread_count(tmp_path) -> None:
+    # checkpoints of the earlier CLI default (threads=None) resume at the new default of 1
+    train(tiny(out_dir=str(tmp_path), steps=4, threads=None))
+    resumed = train(tiny(out_dir=str(tmp_path), steps=8, threads=1, resume=True))
+    assert resumed.summary["steps"] == 8
+
+
 def test_resume_rejects_a_different_run(tmp_path) -> None:
     train(tiny(out_dir=str(tmp_path), steps=4))
     with pytest.raises(ValueError, match=r"Invalid resume: lr=0\.5"):
