@@ -114,6 +114,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             opt.step()
         results["adam"] = {"history": [r.to_dict() for r in opt.history]}
         torch.save(results, out_dir / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while the other still communicates
     finally:
         dist.destroy_process_group()
 
