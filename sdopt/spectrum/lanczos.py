@@ -11,8 +11,16 @@ Algorithm (one product per step, everything else BLAS-2/3 on the basis):
    (``w -= V (V^T w)`` twice: two matrix–vector products with the basis, no per-vector loop).
 2. ``T_m`` (kept in float64 whatever the operator's dtype) is diagonalised after every product;
    the Ritz residual of the pair ``(θ_i, V_m s_i)`` is ``|β_m s_{m,i}|`` (no extra product).
-3. When the basis reaches ``max_basis`` vectors it is compressed to the best Ritz vectors plus the
-   residual direction (thick restart, Wu & Simon 2000), so memory stays ``dim × (max_basis+1)``.
+3. When the basis reaches ``max_basis`` vectors it is compressed in place to the best Ritz
+   vectors plus the residual direction (thick restart, Wu & Simon 2000).
+
+Memory budget: the basis is ``max_basis + 1`` vectors of the operator's dtype, allocated once;
+Gram–Schmidt (``addmv`` into the next free row), restarts and the final Ritz vectors (column
+chunks of the small rotation) work in place, and the product's output is the only other vector
+alive, so the peak is ``max_basis + 2`` vectors besides the operator's own memory (default
+``max_basis = k + 10``: ``k + 12`` vectors; ``k + 32`` for ``which="SA"``). The returned
+eigenvectors are the first ``k`` rows of the basis, as a ``(dim, k)`` transposed view of a block
+of exactly ``k`` vectors: nothing else of the basis outlives the call.
 4. A breakdown (an invariant subspace, e.g. degenerate eigenvalues) continues with a fresh random
    vector orthogonal to the basis, so multiplicities are found.
 
@@ -51,7 +59,8 @@ class EigenResult:
     Attributes:
         eigenvalues: ``(k,)``; decreasing for ``"LA"``, increasing for ``"SA"``, decreasing in
             magnitude for ``"LM"``.
-        eigenvectors: ``(dim, k)``, orthonormal columns (the operator's dtype and device).
+        eigenvectors: ``(dim, k)``, orthonormal columns (the operator's dtype and device;
+            column-major: each eigenvector is contiguous).
         residuals: ``(k,)`` float64, Ritz residual norms ``‖A v - θ v‖`` (unit ``v``).
         iterations: Lanczos steps taken (basis vectors built, restarts included).
         converged: whether every requested pair met the tolerance.
@@ -206,9 +215,10 @@ def top_eigenpairs(
         max_iters: maximum number of products (default ``max(20 k, 200)``, at most
             ``10 dim``). When it is reached the best pairs are returned with
             ``converged=False``.
-        max_basis: most Krylov vectors kept (memory ``dim × (max_basis + 1)`` of the operator's
-            dtype); default ``max(3 k, k + 40)``, at most ``dim``; must exceed ``k`` unless it
-            equals ``dim``.
+        max_basis: most Krylov vectors kept: the memory budget, a peak of ``max_basis + 2``
+            vectors of the operator's dtype (module docstring); default ``k + 10`` (``"LA"``,
+            ``"LM"``) or ``k + 30`` (``"SA"``: the edge of a dense bulk converges slowly with
+            a small basis), at most ``dim``; must exceed ``k`` unless it equals ``dim``.
         init: warm start, previous eigenvectors ``(dim, j)`` (or ``(dim,)``); the first Krylov
             vector is their normalised sum plus ``init_noise`` of a random unit vector.
         init_noise: weight of the random part of a warm start (``>= 0``); it keeps new
