@@ -26,7 +26,7 @@ import warnings
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
 from sdopt.curvature.functional import FunctionalLoss
@@ -171,6 +171,9 @@ class ReverseOverReverse(_FunctionalEngine):
 class Linearize(ProductEngine):
     """``linearize(grad(L))``: trace ``v -> jvp(grad L)(θ; v)`` once, fold constants, replay.
 
+    Refused (``NotImplementedError``, so the operator falls back) on models with recurrent
+    layers (``nn.LSTM``/``GRU``/``RNN``): tracing them crashes torch 2.13.
+
     Built like ``torch.func.linearize`` (``make_fx`` then constant folding), with one repair:
     in torch 2.13 the traced graph contains in-place ops (e.g. from the backward of
     ``binary_cross_entropy_with_logits``) that overwrite its own folded constants, so a
@@ -192,6 +195,13 @@ class Linearize(ProductEngine):
         from torch.fx.experimental.proxy_tensor import make_fx
 
         f = self.f
+        rnns = sorted({type(m).__name__ for m in f.model.modules() if isinstance(m, nn.RNNBase)})
+        if rnns:  # refuse rather than crash the process (not catchable)
+            raise NotImplementedError(
+                f"mode 'linearize' does not support {', '.join(rnns)}: tracing "
+                "forward-over-reverse through a recurrent layer with make_fx crashes torch 2.13 "
+                "(segmentation fault); use 'reuse', 'rev-rev' or 'double-backward'"
+            )
         gradient = grad(f.loss)
 
         def trace(*tangents):
