@@ -127,3 +127,23 @@ def test_fault_is_isolated_and_recorded(mode: str, base_name: str, fault: str) -
         else:
             assert "non-finite loss" in reason
         assert any("estimate at step 2 skipped" in m for m in messages)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_closure_error_propagates_unchanged(mode: str) -> None:
+    """An exception from the user's closure is theirs: raised as is, and no step is counted."""
+    model = _model()
+    x, y = _batch()
+    opt = SDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model=model, loss_fn=F.cross_entropy,
+        data=(x, y), mode=mode, every=EVERY, k=2, estimate_kwargs={"num_probes": 2, "num_steps": 6},
+    )  # fmt: skip
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        raise KeyError("closure bug")
+
+    with pytest.raises(KeyError, match="closure bug"):
+        opt.step(closure)
+    assert opt.step_count == 0 and sum(opt.failures.values()) == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -243,3 +243,13 @@ def test_deflated_sees_the_bulk_the_trace_only_model_misses(problem) -> None:
     )  # fmt: skip
     assert abs(deflated.value - exact) < abs(topk.value - exact)
     assert deflated.uncertainty > 0 and deflated.low <= deflated.value <= deflated.high
+
+
+@pytest.mark.parametrize("method", ["deflated", "exact", "slq", "topk"])
+def test_non_finite_loss_raises(problem, method) -> None:
+    from sdopt.dimension.estimators import NonFiniteLossError
+
+    model, batches, _, lr = problem
+    bad = [(batches[0][0] * float("nan"), batches[0][1]), *batches[1:]]
+    with pytest.raises(NonFiniteLossError):
+        estimate_sharpness_dimension(model, LOSS, bad, lr, method)
