@@ -998,3 +998,156 @@ def test_functional_value_and_gradient():
     minus = tuple(p - eps * t for p, t in zip(f.params, f.unflatten(v)))
     fd = (f.value_and_gradient(plus)[1] - f.value_and_gradient(minus)[1]) / (2 * eps)
     torch.testing.assert_close(fd, hv.detach(), atol=1e-7, rtol=0)
+
+
+# --------------------------------------------------------------------------- data as frameworks give it
+def _tiny_gpt2(dropout=0.0):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPT2Config(
+        vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2, n_inner=8,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).to(DT).train()
+
+
+def _hf_batches():
+    ids = torch.randint(0, 11, (6, 5), generator=_gen(41))
+    return [{"input_ids": ids[i : i + 3], "labels": ids[i : i + 3]} for i in (0, 3)]
+
+
+def _hand_lm_loss(outputs, batch):  # what GPT-2 computes from labels: shifted cross-entropy
+    logits = outputs.logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, 11), batch["labels"][:, 1:].reshape(-1))
+
+
+def _plain_hvp(model, losses, V):
+    """Independent: mean of the given per-batch loss closures, plain double backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    with sdpa_kernel(SDPBackend.MATH):
+        loss = sum(fn() for fn in losses) / len(losses)
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params, create_graph=True)])
+        cols = [
+            torch.cat(
+                [t.reshape(-1) for t in torch.autograd.grad(g @ V[:, j], params, retain_graph=True)]
+            )
+            for j in range(V.shape[1])
+        ]
+    return torch.stack(cols, dim=1)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_hugging_face_dict_batches_with_labels_and_loss_fn_none():
+    """Issue 12: an HF dict batch (or a DataLoader of them) was rejected with 'Invalid data[0]:
+    str'. Now model(**batch) and loss_fn=None is outputs.loss, exact against plain double
+    backward of the dropout-free twin."""
+    model, twin = _tiny_gpt2(0.1), _tiny_gpt2(0.0)
+    batches = _hf_batches()
+    dim = sum(p.numel() for p in model.parameters())
+    V = torch.randn(dim, 2, generator=_gen(42), dtype=DT)
+    truth = _plain_hvp(twin, [lambda b=b: twin(**b).loss for b in batches], V)
+    # HF computes outputs.loss in float32 (it upcasts the logits with .float()), so the
+    # hand-written loss has its own float64 truth
+    hand_truth = _plain_hvp(twin, [lambda b=b: _hand_lm_loss(twin(**b), b) for b in batches], V)
+    loader = torch.utils.data.DataLoader(
+        [
+            {"input_ids": b["input_ids"][i], "labels": b["labels"][i]}
+            for b in batches
+            for i in range(3)
+        ],
+        batch_size=3,
+    )
+    for data, loss_fn, expected in (
+        (batches, None, truth),
+        (loader, None, truth),
+        (batches, _hand_lm_loss, hand_truth),  # loss_fn(outputs, batch) for mapping batches
+    ):
+        op = HessianOperator(model, loss_fn, data)
+        assert len(op.functional.batches) == 2
+        torch.testing.assert_close(op.matmat(V), expected, atol=1e-12, rtol=1e-10)
+    one = HessianOperator(model, None, batches[0]).matmat(V)  # a single mapping is one batch
+    truth_one = _plain_hvp(twin, [lambda: twin(**batches[0]).loss], V)
+    torch.testing.assert_close(one, truth_one, atol=1e-12, rtol=1e-10)
+    assert model.training and all(m.training for m in model.modules())
+
+
+class TwoPart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.head = nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.encoder(x)))
+
+
+def test_model_loss_for_any_other_batch_form():
+    """ModelLoss(fn): fn(model, batch) for batches that are neither pairs nor mappings (here a
+    weighted 3-tuple, and a loss on a submodule's output), one batch, a list or a DataLoader."""
+    from sdopt.curvature import ModelLoss
+
+    torch.manual_seed(0)
+    model = TwoPart().to(DT)
+    x = torch.randn(12, 4, generator=_gen(43), dtype=DT)
+    y = torch.randn(12, 2, generator=_gen(44), dtype=DT)
+    w = torch.rand(12, 1, generator=_gen(45), dtype=DT)
+
+    def weighted(m, batch):
+        xb, yb, wb = batch
+        hidden = m.encoder(xb)  # submodules evaluated at the pass's parameters too
+        return (wb * (m.head(torch.tanh(hidden)) - yb) ** 2).mean() + 0.1 * hidden.pow(4).mean()
+
+    loss = ModelLoss(weighted)
+    f = make_functional_loss(model, loss, (x, y, w))
+
+    def flat_truth(theta, parts):
+        w1, b1, w2, b2 = f.unflatten(theta)
+        total = 0
+        for xb, yb, wb in parts:
+            h = xb @ w1.T + b1
+            total = (
+                total
+                + (wb * ((torch.tanh(h) @ w2.T + b2) - yb) ** 2).mean()
+                + 0.1 * h.pow(4).mean()
+            )
+        return total / len(parts)
+
+    theta = f.flatten(f.params)
+    halves = [(x[:6], y[:6], w[:6]), (x[6:], y[6:], w[6:])]
+    H_one = hessian(lambda t: flat_truth(t, [(x, y, w)]))(theta)
+    H_two = hessian(lambda t: flat_truth(t, halves))(theta)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, w), batch_size=6)
+    for data, H in (((x, y, w), H_one), (halves, H_two), (loader, H_two)):
+        for mode in ("reuse", "fwd-rev", "rev-rev"):
+            dense = HessianOperator(model, loss, data, mode=mode, fallback=False).to_dense()
+            torch.testing.assert_close(dense, H, atol=1e-10, rtol=0)
+
+
+def test_batch_forms_give_clear_errors():
+    from sdopt.curvature import ModelLoss
+
+    model, _, (x, y) = make_mlp()
+    with pytest.raises(ValueError, match=r"Invalid data\[0\]: a tuple of 3 elements .*ModelLoss"):
+        HessianOperator(model, F.cross_entropy, [(x, y, y)])
+    with pytest.raises(ValueError, match="Invalid data: an empty batch"):
+        HessianOperator(model, F.cross_entropy, {"x": x[:0]})
+    with pytest.raises(
+        ValueError, match=r"Invalid loss_fn: None means the model's own outputs\.loss"
+    ):
+        op = HessianOperator(model, None, (x, y))
+        op.matvec(torch.ones(op.dim, dtype=DT))
+    with pytest.raises(ValueError, match=r"Invalid loss_fn: 3 .*ModelLoss"):
+        HessianOperator(model, 3, (x, y))
+    with pytest.raises(ValueError, match=r"Invalid loss_fn: ModelLoss\(3\)"):
+        ModelLoss(3)
+    with pytest.raises(ValueError, match=r"Invalid loss_fn: None \(GGNOperator needs"):
+        GGNOperator(model, None, (x, y))
+    with pytest.raises(ValueError, match=r"Invalid loss_fn: ModelLoss.*GGNOperator needs"):
+        GGNOperator(model, ModelLoss(lambda m, b: m(b[0]).sum()), (x, y))
+    with pytest.raises(ValueError, match="Invalid data: an empty sequence"):
+        HessianOperator(model, ModelLoss(lambda m, b: m(b).sum()), [])
+    f = make_functional_loss(model, ModelLoss(lambda m, b: m(b).pow(2).mean()), x)
+    with pytest.raises(ValueError, match="ModelLoss calls the model itself"):
+        f.batch_outputs(f.params, 0)

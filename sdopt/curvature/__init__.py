@@ -17,6 +17,7 @@ Stability", arXiv:2604.19740) is computed. This package provides it as a linear 
 from sdopt.curvature.functional import (
     CurvatureRandomnessWarning,
     FunctionalLoss,
+    ModelLoss,
     make_functional_loss,
 )
 from sdopt.curvature.ggn import GGNOperator
@@ -39,6 +40,7 @@ __all__ = [
     "FunctionalLoss",
     "GGNOperator",
     "HessianOperator",
+    "ModelLoss",
     "default_mode",
     "hvp",
     "make_functional_loss",

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,6 +46,7 @@ from sdopt._checks import check_choice, check_int
 __all__ = [
     "CurvatureRandomnessWarning",
     "FunctionalLoss",
+    "ModelLoss",
     "make_functional_loss",
     "normalize_batches",
 ]
@@ -87,45 +88,141 @@ def _is_pair(obj: Any) -> bool:
     return isinstance(obj, (tuple, list)) and len(obj) == 2
 
 
+class ModelLoss:
+    """A loss that calls the model itself: ``fn(model, batch) -> 0-d tensor``.
+
+    For batches that are neither an ``(inputs, targets)`` pair nor a mapping of the model's
+    keyword arguments (a 3-tuple with sample weights, a custom batch object, a model with two
+    inputs and a loss on an intermediate output...). Inside ``fn``, ``model`` is the module
+    itself, evaluated at the parameters of the curvature pass: call it (or its submodules)
+    any way you like. ``data`` is then one batch, or a ``list`` / ``DataLoader`` / other
+    iterable (not a tuple, tensor or mapping) of batches.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from sdopt import HessianOperator
+        >>> model = nn.Linear(3, 1, dtype=torch.float64)
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        >>> w = torch.rand(8, 1, dtype=torch.float64)
+        >>> loss = ModelLoss(lambda m, b: (b[2] * (m(b[0]) - b[1]) ** 2).mean())
+        >>> HessianOperator(model, loss, (x, y, w)).dim
+        4
+    """
+
+    def __init__(self, fn: Callable[[nn.Module, Any], Tensor]) -> None:
+        if not callable(fn):
+            raise ValueError(f"Invalid loss_fn: ModelLoss({fn!r}) (fn must be callable)")
+        self.fn = fn
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        return self.fn(model, batch)
+
+    def __repr__(self) -> str:
+        return f"ModelLoss({getattr(self.fn, '__name__', self.fn)!r})"
+
+
+class _ModelLossCaller(nn.Module):
+    """``forward(batch) = fn(model, batch)``: lets ``functional_call`` swap the parameters of
+    ``model`` (keys prefixed with ``"model."``) for a :class:`ModelLoss`."""
+
+    def __init__(self, model: nn.Module, fn: ModelLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.fn(self.model, batch)
+
+
+def _outputs_loss(outputs: Any, batch: Any) -> Tensor:
+    """``loss_fn=None``: the loss the model computed itself (``outputs.loss``, as Hugging Face
+    models return when the batch has ``labels``)."""
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+    if loss is None:
+        raise ValueError(
+            f"Invalid loss_fn: None means the model's own outputs.loss, but the model returned "
+            f"{type(outputs).__name__} without a loss (a Hugging Face model computes one when "
+            "the batch has 'labels'; otherwise pass loss_fn(outputs, batch))"
+        )
+    return loss
+
+
+_BATCH_FORMS = (
+    "an (inputs, targets) pair, a mapping of the model's keyword arguments (model(**batch)), "
+    "or, with loss_fn=ModelLoss(fn), anything fn(model, batch) accepts"
+)
+
+
 def normalize_batches(data: Any) -> list[Batch]:
     """Return ``data`` as a non-empty list of ``(inputs, targets)`` pairs.
 
-    ``data`` is one ``(inputs, targets)`` batch (a pair whose second element is a tensor, or
-    whose first element is a tensor) or an iterable of such pairs (a list, a ``DataLoader``).
-    A batch of no samples (inputs or targets with a zero first dimension) is rejected.
+    ``data`` is one batch or an iterable of batches (a list, a ``DataLoader``). A batch is an
+    ``(inputs, targets)`` pair (``model(inputs)``, ``loss_fn(outputs, targets)``) or a mapping
+    of the model's keyword arguments, such as a Hugging Face batch: it becomes the pair
+    ``(batch, batch)``, so that the model is called as ``model(**batch)`` and the loss as
+    ``loss_fn(outputs, batch)``. A batch of no samples (inputs or targets with a zero first
+    dimension) is rejected.
     """
     if data is None:
         raise ValueError(
-            "Invalid data: None (must be an (inputs, targets) batch or a sequence of them)"
+            f"Invalid data: None (must be one batch or a sequence of batches: {_BATCH_FORMS})"
         )
+    if isinstance(data, Mapping):
+        _check_not_empty((data, None), "data")
+        return [(data, data)]
     if _is_pair(data) and (isinstance(data[0], Tensor) or isinstance(data[1], Tensor)):
         if not (_is_pair(data[0]) and _is_pair(data[1])):
             _check_not_empty(data, "data")
             return [(data[0], data[1])]
     if isinstance(data, Tensor):
         raise ValueError(
-            f"Invalid data: a tensor of shape {tuple(data.shape)} "
-            "(must be an (inputs, targets) batch or a sequence of them)"
+            f"Invalid data: a tensor of shape {tuple(data.shape)} (must be one batch or a "
+            f"sequence of batches: {_BATCH_FORMS})"
         )
     try:
         batches = list(data)
     except TypeError:
         raise ValueError(
-            f"Invalid data: {type(data).__name__} (must be an (inputs, targets) batch or a "
-            "sequence of them)"
+            f"Invalid data: {type(data).__name__} (must be one batch or a sequence of batches: "
+            f"{_BATCH_FORMS})"
         ) from None
     if not batches:
-        raise ValueError(
-            "Invalid data: an empty sequence (need at least one (inputs, targets) batch)"
-        )
+        raise ValueError("Invalid data: an empty sequence (need at least one batch)")
+    out: list[Batch] = []
     for i, batch in enumerate(batches):
+        name = f"data[{i}]" if len(batches) > 1 else "data"
+        if isinstance(batch, Mapping):
+            _check_not_empty((batch, None), name)
+            out.append((batch, batch))
+            continue
         if not _is_pair(batch):
-            raise ValueError(
-                f"Invalid data[{i}]: {type(batch).__name__} (each batch must be an "
-                "(inputs, targets) pair)"
+            what = (
+                f"a {type(batch).__name__} of {len(batch)} elements"
+                if isinstance(batch, (tuple, list))
+                else type(batch).__name__
             )
-        _check_not_empty(batch, f"data[{i}]" if len(batches) > 1 else "data")
-    return [(b[0], b[1]) for b in batches]
+            raise ValueError(f"Invalid data[{i}]: {what} (each batch must be {_BATCH_FORMS})")
+        _check_not_empty(batch, name)
+        out.append((batch[0], batch[1]))
+    return out
+
+
+def normalize_model_loss_batches(data: Any) -> list[Batch]:
+    """Batches for a :class:`ModelLoss`: ``[(batch, None), ...]``.
+
+    ``data`` is a sequence of batches when it is a ``list`` or an iterable other than a tuple,
+    tensor or mapping (a ``DataLoader``, a generator); anything else is one batch.
+    """
+    if data is None:
+        raise ValueError("Invalid data: None (must be one batch or a list / DataLoader of them)")
+    one = isinstance(data, (tuple, Tensor, Mapping)) or not isinstance(data, Iterable)
+    batches = [data] if one else list(data)
+    if not batches:
+        raise ValueError("Invalid data: an empty sequence (need at least one batch)")
+    for i, batch in enumerate(batches):
+        _check_not_empty((batch, None), f"data[{i}]" if len(batches) > 1 else "data")
+    return [(b, None) for b in batches]
 
 
 def _empty_shape(x: Any) -> tuple[int, ...] | None:
@@ -144,6 +241,8 @@ def _empty_shape(x: Any) -> tuple[int, ...] | None:
 def _check_not_empty(batch: Any, name: str) -> None:
     """An empty batch would make the mean loss NaN or 0 and the Hessian silently zero."""
     for part, value in (("inputs", batch[0]), ("targets", batch[1])):
+        if value is None:
+            continue
         shape = _empty_shape(value)
         if shape is not None:
             raise ValueError(
@@ -225,13 +324,23 @@ class FunctionalLoss:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: {type(model).__name__} (must be a torch.nn.Module)")
-        if not callable(loss_fn):
-            raise ValueError(f"Invalid loss_fn: {loss_fn!r} (must be callable)")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(
+                f"Invalid loss_fn: {loss_fn!r} (must be callable: loss_fn(outputs, targets), "
+                "ModelLoss(fn) or None for the model's own outputs.loss)"
+            )
         check_choice("dropout", dropout, DROPOUT_CHOICES)
         check_int("dropout_seed", dropout_seed)
         self.model = _unwrap(model)
-        self.loss_fn = loss_fn
-        self.batches = normalize_batches(data)
+        #: the loss as given (``None``: outputs.loss); :attr:`loss_fn` is what is called
+        self.model_loss: ModelLoss | None = loss_fn if isinstance(loss_fn, ModelLoss) else None
+        self.loss_fn: Callable[[Any, Any], Tensor] = _outputs_loss if loss_fn is None else loss_fn
+        if self.model_loss is not None:
+            self.batches = normalize_model_loss_batches(data)
+            self._caller: nn.Module | None = _ModelLossCaller(self.model, self.model_loss)
+        else:
+            self.batches = normalize_batches(data)
+            self._caller = None
         self.dropout = dropout
         self.dropout_seed = int(dropout_seed)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -370,14 +479,26 @@ class FunctionalLoss:
         flag gates, e.g. ``F.dropout(x, 0.1)`` or ``torch.bernoulli`` masks) is reported once
         with a :class:`CurvatureRandomnessWarning`.
         """
-        state = dict(self.buffers)
-        state.update(zip(self.names, params))
+        if self._caller is not None:
+            raise ValueError(
+                "Invalid loss_fn: a ModelLoss calls the model itself, so the model's outputs are "
+                "not available (GGNOperator and other output-based tools need "
+                "loss_fn(outputs, targets))"
+            )
+        return self._forward(self.model, "", params, index, self.batches[index][0])
+
+    def _forward(
+        self, module: nn.Module, prefix: str, params: Sequence[Tensor], index: int, inputs: Any
+    ) -> Any:
+        """One seeded, watched forward pass of ``module`` (the model or the ModelLoss caller)."""
+        state = {prefix + n: b for n, b in self.buffers.items()}
+        state.update((prefix + n, p) for n, p in zip(self.names, params))
         gens = self._generators()
         for g in gens:
             g.manual_seed(self.dropout_seed + index)
         watch = self.dropout == "off" and not self._random_warned
         before = [g.get_state() for g in gens] if watch else []
-        out = _call_model(self.model, state, self.batches[index][0])
+        out = _call_model(module, state, inputs)
         if watch and any(not torch.equal(g.get_state(), b) for g, b in zip(gens, before)):
             self._random_warned = True
             warnings.warn(
@@ -394,7 +515,10 @@ class FunctionalLoss:
 
     def batch_loss(self, params: Sequence[Tensor], index: int) -> Tensor:
         """``loss_fn(model(x_b; params), y_b)`` for batch ``index``; call inside :meth:`evaluation`."""
-        loss = self.loss_fn(self.batch_outputs(params, index), self.batches[index][1])
+        if self._caller is not None:
+            loss = self._forward(self._caller, "model.", params, index, (self.batches[index][0],))
+        else:
+            loss = self.loss_fn(self.batch_outputs(params, index), self.batches[index][1])
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.func import jvp, vjp
 
 from sdopt._checks import check_choice
-from sdopt.curvature.functional import FunctionalLoss
+from sdopt.curvature.functional import FunctionalLoss, ModelLoss
 from sdopt.curvature.operators import CurvatureOperator
 from sdopt.curvature.products import ProductEngine, _differentiate, _leaves
 
@@ -178,6 +178,11 @@ class GGNOperator(CurvatureOperator):
         **kwargs: Any,
     ) -> None:
         check_choice("loss", loss, GGN_LOSSES)
+        if loss_fn is None or isinstance(loss_fn, ModelLoss):
+            raise ValueError(
+                f"Invalid loss_fn: {loss_fn!r} (GGNOperator needs loss_fn(outputs, targets): "
+                "the Gauss-Newton matrix is built from the loss's Hessian in the model's outputs)"
+            )
         self.loss_kind = loss
         for name in ("vectorize", "chunk_size"):
             if name in kwargs:

@@ -316,8 +316,13 @@ class HessianOperator(CurvatureOperator):
 
     Args:
         model: any ``nn.Module``.
-        loss_fn: ``loss_fn(outputs, targets) -> 0-d tensor``.
-        data: one ``(inputs, targets)`` batch or a sequence of them.
+        loss_fn: ``loss_fn(outputs, targets) -> 0-d tensor``; for mapping batches
+            ``loss_fn(outputs, batch)``; ``None`` for the model's own ``outputs.loss``
+            (Hugging Face models given ``labels``); or :class:`~sdopt.curvature.ModelLoss`
+            ``(fn)`` with ``fn(model, batch)`` for any other batch.
+        data: one batch or a sequence / ``DataLoader`` of batches; a batch is an
+            ``(inputs, targets)`` pair or a mapping of the model's keyword arguments
+            (``model(**batch)``); see :func:`sdopt.curvature.functional.normalize_batches`.
         mode: ``"auto"`` (default: :func:`default_mode`, ``"reuse"`` on CPU, ``"autotune"``
             elsewhere), ``"autotune"``, ``"reuse"``, ``"fwd-rev"``, ``"rev-rev"``,
             ``"double-backward"``, ``"linearize"`` or ``"finite-difference"``
