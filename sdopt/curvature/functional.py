@@ -17,15 +17,24 @@ else changing):
 - buffers are cloned once at construction and BatchNorm layers in training mode are evaluated
   with batch statistics *without* updating running statistics, so the module's buffers are
   never mutated;
-- dropout: ``dropout="off"`` (default) evaluates dropout modules as the identity (inference
-  behaviour); ``dropout="fixed"`` keeps dropout active but reseeds the random number generator
-  with ``dropout_seed`` before every forward pass, so every pass draws the *same* masks.
-  Either way the loss is a fixed deterministic function of θ, which a linear operator needs
-  (a fresh mask per product would make every product belong to a different matrix, and
-  Lanczos would silently break). ``"off"`` is the default because it is what the model computes
-  at evaluation and because it needs no RNG at all;
-- module ``training`` flags, ``.grad`` fields and the global RNG state are exactly as before
-  after every evaluation.
+- attention: every pass runs scaled-dot-product attention on its math kernel and with the
+  ``nn.MultiheadAttention`` / ``nn.TransformerEncoder`` fast paths off, the only path with a
+  double backward and forward-mode AD (fused kernels have neither);
+- dropout: ``dropout="off"`` (default) puts every module except BatchNorm / InstanceNorm in
+  eval mode for the pass, so dropout modules *and* dropout a module gates on its own
+  ``training`` flag (Hugging Face attention, ``F.dropout(x, training=self.training)``, LSTM
+  inter-layer dropout) are off; ``dropout="fixed"`` keeps dropout active but reseeds the
+  random number generator with ``dropout_seed`` before every forward pass, so every pass
+  draws the *same* masks. In both modes the generator is reseeded before each pass, so
+  randomness that no flag gates is at least the same draw each time (with ``"off"`` it is
+  reported once by a :class:`CurvatureRandomnessWarning`). Either way the loss is a fixed
+  deterministic function of θ, which a linear operator needs (a fresh mask per product
+  would make every product belong to a different matrix, and Lanczos would silently break);
+- batches: ``(inputs, targets)`` pairs, mappings (``model(**batch)``, ``loss_fn(outputs,
+  batch)``, ``loss_fn=None`` for ``outputs.loss``) or, with :class:`ModelLoss`, anything
+  ``fn(model, batch)`` accepts (see :func:`normalize_batches`);
+- module ``training`` and ``track_running_stats`` flags, the attention backend flags,
+  ``.grad`` fields and the global RNG state are exactly as before after every evaluation.
 """
 
 from __future__ import annotations
@@ -574,10 +583,13 @@ def make_functional_loss(
 
     Args:
         model: any ``nn.Module`` (a ``DistributedDataParallel`` wrapper is unwrapped).
-        loss_fn: ``loss_fn(outputs, targets) -> 0-d tensor``.
-        data: one ``(inputs, targets)`` batch or a sequence of them. ``inputs`` that are a
-            tensor are passed as ``model(inputs)``, a tuple as ``model(*inputs)``, a mapping as
-            ``model(**inputs)``.
+        loss_fn: ``loss_fn(outputs, targets) -> 0-d tensor`` (``loss_fn(outputs, batch)`` for
+            mapping batches); ``None`` for the model's own ``outputs.loss``; or
+            :class:`ModelLoss` ``(fn)`` with ``fn(model, batch)`` for any other batch form.
+        data: one batch or a sequence / ``DataLoader`` of batches. A batch is an
+            ``(inputs, targets)`` pair (``inputs`` that are a tensor are passed as
+            ``model(inputs)``, a tuple as ``model(*inputs)``, a mapping as
+            ``model(**inputs)``) or a mapping of the model's keyword arguments.
         dropout: ``"off"`` (dropout as identity) or ``"fixed"`` (same seeded masks every pass).
         dropout_seed: seed for ``dropout="fixed"`` (batch ``b`` uses ``dropout_seed + b``).
 
