@@ -281,9 +281,11 @@ def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    wandb.teardown()  # start from no global wandb state (an earlier test's run or settings)
     yield wandb, tmp_path
     if wandb.run is not None:
         wandb.run.finish()
+    wandb.teardown()
 
 
 def test_wandb_logger_offline_run_is_read_back(wandb_offline) -> None:

@@ -199,6 +199,7 @@ def test_a_wandb_run_gets_each_record_once_with_both_wandb_loggers(tmp_path, mon
             trainer.fit(module, loader)
     finally:
         run.finish()
+        wandb.teardown()  # a disabled run's global settings would leak into later wandb tests
     # sdopt's WandbLogger logs each record; the callback leaves Lightning's WandbLogger out
     assert [r["sdopt/step"] for r in rows if "sdopt/lambda_max" in r] == [0, 2, 4]
     assert any("train_loss" in r for r in rows)  # the framework logger still logs the rest
