@@ -198,8 +198,10 @@ def test_memory_budget_of_top_eigenpairs(which: str) -> None:
     )
     budget = {"LA": k + 10, "SA": k + 30}[which] + 2  # default max_basis + 2
     assert peak <= budget + 0.5  # + pages and the bool of the finiteness check
-    # the measurement sees the basis (rows never written are not resident)
-    assert peak >= min(budget, res.num_products + 2) - 2.0
+    # the measurement sees the basis (rows never written are not resident); only half of it is
+    # required: late in a full test run the kernel may already hold some of these pages
+    # (measured 8.0 of 12 vectors once), which can only lower the count, never raise it
+    assert peak >= 0.5 * min(budget, res.num_products + 2)
     # the eigenvectors do not keep the basis alive: their storage is k vectors
     assert res.eigenvectors.untyped_storage().nbytes() == k * vector
     if which == "LA":
