@@ -144,6 +144,34 @@ def test_warm_start_uses_fewer_products() -> None:
     assert again.num_products <= 6 and again.converged
 
 
+def _in_fresh_process(test):
+    """Run ``test`` in a new Python process (its own pytest run of this node).
+
+    Resident memory is only a faithful measure in a process that has not yet run hundreds of
+    other tests: late in a full run, freed pages already resident are reused and the peak reads
+    0 vectors. The child has only this module imported."""
+    import functools
+    import os
+    import subprocess
+    import sys
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        if os.environ.get("SDOPT_FRESH_PROCESS") == test.__name__:
+            return test(*args, **kwargs)
+        node = f"{__file__}::{test.__name__}"
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node],
+            env={**os.environ, "SDOPT_FRESH_PROCESS": test.__name__, "OMP_NUM_THREADS": "1"},
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        if "skipped" in result.stdout and "passed" not in result.stdout:
+            pytest.skip(result.stdout.strip().splitlines()[-1])
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+    return wrapper
+
+
 def _peak_vectors(fn, vector_bytes: int):
     """``fn()`` and the peak of the resident memory it added, in vectors of ``vector_bytes``.
 
@@ -183,8 +211,13 @@ class _Diagonal:
         return self.d * v
 
 
-@pytest.mark.parametrize("which", ["LA", "SA"])
-def test_memory_budget_of_top_eigenpairs(which: str) -> None:
+@_in_fresh_process
+def test_memory_budget_of_top_eigenpairs() -> None:
+    for which in ("LA", "SA"):
+        _check_memory_budget_of_top_eigenpairs(which)
+
+
+def _check_memory_budget_of_top_eigenpairs(which: str) -> None:
     """Peak memory: the ``max_basis + 1`` basis rows and one product (measured by RSS on a
     4 MiB-per-vector operator); the old solver (k + 40 rows, a restart copy of ~k + 20 rows
     and a returned copy of k) went past 70 vectors here."""
@@ -198,10 +231,8 @@ def test_memory_budget_of_top_eigenpairs(which: str) -> None:
     )
     budget = {"LA": k + 10, "SA": k + 30}[which] + 2  # default max_basis + 2
     assert peak <= budget + 0.5  # + pages and the bool of the finiteness check
-    # the measurement sees the basis (rows never written are not resident); only half of it is
-    # required: late in a full test run the kernel may already hold some of these pages
-    # (measured 8.0 of 12 vectors once), which can only lower the count, never raise it
-    assert peak >= 0.5 * min(budget, res.num_products + 2)
+    # the measurement sees the basis (rows never written are not resident)
+    assert peak >= min(budget, res.num_products + 2) - 2.0
     # the eigenvectors do not keep the basis alive: their storage is k vectors
     assert res.eigenvectors.untyped_storage().nbytes() == k * vector
     if which == "LA":
@@ -501,6 +532,7 @@ def test_slq_without_reorthogonalisation_keeps_smooth_quadratures() -> None:
         stochastic_lanczos_quadrature(A, 2, 5, reorthogonalize="no")
 
 
+@_in_fresh_process
 def test_memory_budget_of_slq() -> None:
     n = 1 << 19
     d = torch.rand(n, generator=torch.Generator().manual_seed(1), dtype=D)
