@@ -30,7 +30,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -60,7 +60,8 @@ _ESTIMATE_KEYS = (
 )  # fmt: skip
 
 
-def _is_batch(obj: Any) -> bool:
+def _is_pair(obj: Any) -> bool:
+    """An ``(inputs, targets)`` pair (at least one of them a tensor)."""
     return (
         isinstance(obj, (tuple, list))
         and len(obj) == 2
@@ -68,8 +69,27 @@ def _is_batch(obj: Any) -> bool:
     )
 
 
+def _is_batch(obj: Any, model_loss: bool = False) -> bool:
+    """One curvature batch as :mod:`sdopt.curvature` accepts it: an ``(inputs, targets)`` pair
+    or a mapping of the model's keyword arguments (``model(**batch)``); with a
+    :class:`~sdopt.curvature.ModelLoss`, anything but ``None``, a string or bytes."""
+    if model_loss:
+        return obj is not None and not isinstance(obj, (str, bytes))
+    return _is_pair(obj) or isinstance(obj, Mapping)
+
+
+_BATCH_FORMS = (
+    "an (inputs, targets) batch, a mapping batch (model(**batch)), a list of batches, an "
+    "iterable such as a DataLoader, or a callable returning a batch"
+)
+
+
 def _check_batch(batch: Any, where: str) -> None:
-    """An ``(inputs, targets)`` pair of tensors must hold the same, non-zero number of rows."""
+    """An ``(inputs, targets)`` pair of tensors must hold the same, non-zero number of rows
+    (mappings and :class:`~sdopt.curvature.ModelLoss` batches are checked by the curvature
+    engine when the loss is built)."""
+    if not _is_pair(batch):
+        return
     x, y = batch
     rows = [t.shape[0] for t in (x, y) if isinstance(t, Tensor) and t.dim() > 0]
     if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == 0:
@@ -117,49 +137,47 @@ class _CurvatureData:
     resume are exactly those of the uninterrupted run. A callable is not replayed.
     """
 
-    def __init__(self, data: Any, seed: int = 0) -> None:
+    def __init__(self, data: Any, seed: int = 0, *, model_loss: bool = False) -> None:
         if data is None:
+            raise ValueError(f"Invalid data: None (must be {_BATCH_FORMS})")
+        if isinstance(data, Tensor) and not model_loss:
             raise ValueError(
-                "Invalid data: None (must be an (inputs, targets) batch, a list of batches, "
-                "an iterable such as a DataLoader, or a callable returning a batch)"
-            )
-        if isinstance(data, Tensor):
-            raise ValueError(
-                f"Invalid data: a bare tensor of shape {tuple(data.shape)} (must be an "
-                "(inputs, targets) batch, a list of batches, an iterable such as a DataLoader, "
-                "or a callable returning a batch)"
+                f"Invalid data: a bare tensor of shape {tuple(data.shape)} (must be "
+                f"{_BATCH_FORMS}; a tensor is a batch only with loss_fn=ModelLoss(fn))"
             )
         self.seed = int(seed)
+        self.model_loss = model_loss
         self.fixed: Any = None
         self.source: Any = None
         self.callable: Callable[[], Any] | None = None
-        if _is_batch(data):
+        if isinstance(data, (str, bytes)):
+            raise ValueError(f"Invalid data: a {type(data).__name__} (must be {_BATCH_FORMS})")
+        # one batch: a pair, a mapping; with a ModelLoss any tuple, tensor, or object that is
+        # neither a list, an iterable nor a callable (as sdopt.curvature reads ModelLoss data)
+        if (
+            _is_pair(data)
+            or isinstance(data, Mapping)
+            or (model_loss and isinstance(data, (tuple, Tensor)))
+            or (model_loss and not isinstance(data, Iterable) and not callable(data))
+        ):
             _check_batch(data, "data")
-            self.fixed = (data[0], data[1])
-        elif isinstance(data, (list, tuple)):
-            if not data or not all(_is_batch(b) for b in data):
+            self.fixed = (data[0], data[1]) if _is_pair(data) else data
+        elif isinstance(data, list) or (isinstance(data, tuple) and not model_loss):
+            if not data or not all(_is_batch(b, model_loss) for b in data):
                 raise ValueError(
-                    f"Invalid data: a {type(data).__name__} of length {len(data)} "
-                    "(must be an (inputs, targets) batch or a non-empty list of them)"
+                    f"Invalid data: a {type(data).__name__} of length {len(data)} (must be one "
+                    "batch, an (inputs, targets) pair or a mapping (model(**batch)), or a "
+                    "non-empty list of them)"
                 )
             for i, b in enumerate(data):
                 _check_batch(b, f"data[{i}]")
             self.fixed = list(data)
-        elif isinstance(data, (str, bytes, dict)):
-            raise ValueError(
-                f"Invalid data: a {type(data).__name__} (must be an (inputs, targets) batch, a "
-                "list of batches, an iterable such as a DataLoader, or a callable returning a "
-                "batch)"
-            )
         elif callable(data) and not isinstance(data, Iterable):
             self.callable = data
         elif isinstance(data, Iterable):
             self.source = data
         else:
-            raise ValueError(
-                f"Invalid data: {type(data).__name__} (must be an (inputs, targets) batch, a list "
-                "of batches, an iterable such as a DataLoader, or a callable returning a batch)"
-            )
+            raise ValueError(f"Invalid data: {type(data).__name__} (must be {_BATCH_FORMS})")
         self._iterator: Iterator[Any] | None = None
         self.passes = 0  # passes started over ``source``
         self.drawn = 0  # batches drawn from the current pass over ``source``
@@ -288,9 +306,53 @@ def _is_adam(optimizer: torch.optim.Optimizer) -> bool:
     return bool(groups) and all("betas" in g and "eps" in g for g in groups)
 
 
-def _loss_of(model: nn.Module, loss_fn: Callable[..., Any], data: Any, dropout: str) -> Tensor:
-    """The curvature loss on ``data``, evaluated as the curvature engine does (dropout per
-    ``dropout``, BatchNorm statistics frozen, buffers copied, global RNG restored), without
+def _describe(value: Any) -> str:
+    """A short description of a batch part for error messages."""
+    if isinstance(value, Tensor):
+        return f"shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"a {type(value).__name__} with keys {sorted(map(str, value))}"
+    return f"a {type(value).__name__}"
+
+
+def _loss_error(f: Any, loss_fn: Any, index: int, where: str, exc: Exception) -> ValueError:
+    """A ``ValueError`` naming ``data`` or ``loss_fn`` for the failure ``exc`` of
+    ``f.batch_loss(f.params, index)`` (inside ``f.evaluation()``)."""
+    name = getattr(loss_fn, "__name__", None) or repr(loss_fn)
+    text = str(exc)
+    if isinstance(exc, ValueError) and text.startswith("Invalid loss_fn: "):
+        if loss_fn is None:
+            return exc
+        # the curvature engine's own check (not a 0-d loss, no outputs.loss): name the loss
+        return ValueError(f"Invalid loss_fn: {name!r} " + text[len("Invalid loss_fn: ") :])
+    inputs, targets = f.batches[index]
+    if f.model_loss is not None:
+        return ValueError(
+            f"Invalid {where} or loss_fn: loss_fn(model, batch) raised on {_describe(inputs)} "
+            f"({type(exc).__name__}: {exc})"
+        )
+    try:  # which one failed, the model or the loss? (a second pass, on the error path only)
+        f.batch_outputs(f.params, index)
+    except Exception:
+        what = "inputs of " + _describe(inputs) if isinstance(inputs, Tensor) else _describe(inputs)
+        return ValueError(
+            f"Invalid {where}: the model cannot evaluate {what} ({type(exc).__name__}: {exc})"
+        )
+    call = (
+        "loss_fn(outputs, batch)" if isinstance(targets, Mapping) else "loss_fn(outputs, targets)"
+    )
+    return ValueError(
+        f"Invalid {where} or loss_fn: {call} raised on targets of {_describe(targets)} "
+        f"({type(exc).__name__}: {exc})"
+    )
+
+
+def _loss_of(
+    model: nn.Module, loss_fn: Callable[..., Any] | None, data: Any, dropout: str
+) -> Tensor:
+    """The curvature loss on ``data``, evaluated by the curvature engine itself
+    (:meth:`sdopt.curvature.FunctionalLoss.batch_loss`: dropout per ``dropout``, attention on
+    its math kernel, BatchNorm statistics frozen, buffers copied, global RNG restored), without
     autograd. Raises ``ValueError`` naming ``data`` or ``loss_fn`` for what cannot be
     evaluated; returns the mean loss (possibly non-finite)."""
     from sdopt.curvature.functional import make_functional_loss
@@ -298,37 +360,18 @@ def _loss_of(model: nn.Module, loss_fn: Callable[..., Any], data: Any, dropout: 
     f = make_functional_loss(model, loss_fn, data, dropout=dropout)
     total = None
     with torch.no_grad(), f.evaluation():
-        for i, (inputs, targets) in enumerate(f.batches):
+        for i in range(len(f.batches)):
             where = "data" if len(f.batches) == 1 else f"data[{i}]"
             try:
-                outputs = f.batch_outputs(f.params, i)
+                loss = f.batch_loss(f.params, i)
             except Exception as exc:
-                shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
-                raise ValueError(
-                    f"Invalid {where}: the model cannot evaluate inputs of shape {shape} "
-                    f"({type(exc).__name__}: {exc})"
-                ) from exc
-            try:
-                loss = loss_fn(outputs, targets)
-            except Exception as exc:
-                shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets)
-                raise ValueError(
-                    f"Invalid {where} or loss_fn: loss_fn(outputs, targets) raised on targets of "
-                    f"shape {shape} ({type(exc).__name__}: {exc})"
-                ) from exc
-            if not isinstance(loss, Tensor) or loss.dim() != 0:
-                got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-                raise ValueError(
-                    f"Invalid loss_fn: {getattr(loss_fn, '__name__', loss_fn)!r} returned {got} "
-                    "(must return a scalar 0-d tensor, the mean loss; use reduction='mean', "
-                    "not 'none')"
-                )
+                raise _loss_error(f, loss_fn, i, where, exc) from exc
             total = loss.detach() if total is None else total + loss.detach()
     assert total is not None
     return total / len(f.batches)
 
 
-def _dry_run(model: nn.Module, loss_fn: Callable[..., Any], data: Any, dropout: str) -> None:
+def _dry_run(model: nn.Module, loss_fn: Callable[..., Any] | None, data: Any, dropout: str) -> None:
     """The construction-time check of a fixed curvature batch (see :func:`_loss_of`)."""
     _loss_of(model, loss_fn, data, dropout)
 
@@ -378,10 +421,16 @@ class SDOptimizer(torch.optim.Optimizer):
     Args:
         base_optimizer: A constructed ``torch.optim.Optimizer`` over the model's parameters.
         model: The ``nn.Module`` being trained (its trainable parameters define the Hessian).
-        loss_fn: ``loss_fn(outputs, targets) -> scalar`` mean loss.
-        data: Curvature data: one ``(inputs, targets)`` batch or a list of them (fixed), an
-            iterable such as a ``DataLoader`` (one batch drawn per estimate, re-iterated when
-            exhausted), or a zero-argument callable returning a batch.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` mean loss; for mapping batches
+            ``loss_fn(outputs, batch)``; ``None`` for the model's own ``outputs.loss`` (Hugging
+            Face models given ``labels``); or :class:`sdopt.curvature.ModelLoss` ``(fn)`` with
+            ``fn(model, batch)`` for any other batch form. Exactly as :mod:`sdopt.curvature`
+            reads it (one implementation: :class:`sdopt.curvature.FunctionalLoss`).
+        data: Curvature data: one batch or a list of them (fixed), an iterable such as a
+            ``DataLoader`` (one batch drawn per estimate, re-iterated when exhausted), or a
+            zero-argument callable returning a batch. A batch is an ``(inputs, targets)`` pair
+            (``model(inputs)``), a mapping of the model's keyword arguments (``model(**batch)``,
+            e.g. a Hugging Face batch) or, with a ``ModelLoss``, anything ``fn`` accepts.
         mode: ``"monitor"``, ``"lr"`` or ``"penalty"``.
         every: Estimate every ``every`` steps (``>= 1``; default 20,000: one warm estimate of
             the grokking transformer on its whole training set, ≈ 540 Hessian-vector products,
@@ -435,7 +484,7 @@ class SDOptimizer(torch.optim.Optimizer):
         base_optimizer: torch.optim.Optimizer,
         *,
         model: nn.Module,
-        loss_fn: Callable[[Any, Any], Tensor],
+        loss_fn: Callable[[Any, Any], Tensor] | None,
         data: Any,
         mode: str = "monitor",
         every: int = DEFAULT_EVERY,
@@ -464,8 +513,12 @@ class SDOptimizer(torch.optim.Optimizer):
             raise ValueError("Invalid base_optimizer: SDOptimizer (cannot wrap an SDOptimizer)")
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: {type(model).__name__} (must be a torch.nn.Module)")
-        if not callable(loss_fn):
-            raise ValueError(f"Invalid loss_fn: {loss_fn!r} (must be callable)")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(
+                f"Invalid loss_fn: {loss_fn!r} (must be callable: loss_fn(outputs, targets), "
+                "loss_fn(outputs, batch) for mapping batches, sdopt.curvature.ModelLoss(fn) "
+                "for fn(model, batch), or None for the model's own outputs.loss)"
+            )
         self.mode = check_choice("mode", mode, MODES)
         self.every = check_int("every", every, minimum=1)
         from sdopt.dimension.estimators import DEFAULTS
@@ -558,7 +611,9 @@ class SDOptimizer(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer
         self.model = model
         self.loss_fn = loss_fn
-        self.data = _CurvatureData(data, self.seed)
+        from sdopt.curvature.functional import ModelLoss
+
+        self.data = _CurvatureData(data, self.seed, model_loss=isinstance(loss_fn, ModelLoss))
         if self.data.kind == "fixed":
             _dry_run(model, loss_fn, self.data.fixed, dropout)
 
@@ -1110,15 +1165,18 @@ class SDOptimizer(torch.optim.Optimizer):
         return {"exponent_map": self.exponent_map, "momentum": beta}
 
     def _draw(self) -> Any:
-        """The next curvature batch (checked: an ``(inputs, targets)`` pair of equal sizes)."""
+        """The next curvature batch (checked: an ``(inputs, targets)`` pair of equal sizes or a
+        mapping; anything with a ``ModelLoss``)."""
         batch = self.data.draw()
         self._draws += 1
         self._last_draw = batch
         if self.data.kind != "fixed":
-            if not _is_batch(batch):
+            if not _is_batch(batch, self.data.model_loss):
                 raise ValueError(
                     f"Invalid data: the curvature {self.data.kind} gave a "
-                    f"{type(batch).__name__} (each batch must be an (inputs, targets) pair)"
+                    f"{type(batch).__name__} (each batch must be an (inputs, targets) pair or a "
+                    "mapping of the model's keyword arguments, or anything with "
+                    "loss_fn=ModelLoss(fn))"
                 )
             _check_batch(batch, "data")
         return batch

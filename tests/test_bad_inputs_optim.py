@@ -149,7 +149,6 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     ("adam_map_over_rmsprop", _base(torch.optim.RMSprop, lr=0.1, exponent_map="adam"),
      ValueError, "exponent_map: 'adam' over a RMSprop"),
     # --- loss_fn
-    ("loss_fn_none", lambda: _build(loss_fn=None), ValueError, "loss_fn: None"),
     ("loss_fn_not_callable", lambda: _build(loss_fn="mse"), ValueError, "loss_fn: 'mse'"),
     ("loss_fn_reduction_none", lambda: _build(loss_fn=_none_loss), ValueError,
      "loss_fn: '_none_loss' returned (8,)"),
@@ -174,7 +173,11 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
      ValueError, "data[1]: the model cannot evaluate"),
     ("data_int", lambda: _build(data=42), ValueError, "data: int"),
     ("data_str", lambda: _build(data="train.csv"), ValueError, "data: a str"),
-    ("data_dict", lambda: _build(data={"x": x8}), ValueError, "data: a dict"),
+    ("data_dict_model_cannot_take", lambda: _build(data={"x": x8}), ValueError,
+     "data: the model cannot evaluate a dict with keys ['x']"),
+    ("data_loader_of_str", lambda: _build(data=["a", "b"]), ValueError, "data: a list of length 2"),
+    ("loss_fn_none_without_outputs_loss", lambda: _build(loss_fn=None), ValueError,
+     "loss_fn: None means the model's own outputs.loss"),
     # --- scalar options
     ("mode_unknown", lambda: _build(mode="fast"), ValueError, "mode: 'fast'"),
     ("mode_none", lambda: _build(mode=None), ValueError, "mode: None"),
