@@ -599,14 +599,22 @@ class SDOptimizer(torch.optim.Optimizer):
                 "optimizer (needs Adam, AdamW, NAdam or RAdam: param groups with 'betas' and "
                 "'eps' and a state 'exp_avg_sq'; use exponent_map='gd' or 'momentum')"
             )
+        positive = False
         for i, group in enumerate(base_optimizer.param_groups):
             lr = group.get("lr")
             value = float(lr) if isinstance(lr, (int, float, Tensor)) else math.nan
-            if group["params"] and not value > 0:
+            if group["params"] and not value >= 0:
                 raise ValueError(
-                    f"Invalid lr: {lr!r} in param group {i} of the base optimizer (must be > 0: "
-                    "the sharpness dimension is a function of the learning rate)"
+                    f"Invalid lr: {lr!r} in param group {i} of the base optimizer (must be >= 0)"
                 )
+            positive = positive or (bool(group["params"]) and value > 0)
+        if not positive:
+            lrs = [g.get("lr") for g in base_optimizer.param_groups if g["params"]]
+            raise ValueError(
+                f"Invalid lr: {lrs[0] if len(lrs) == 1 else lrs!r} (at least one param group "
+                "of the base optimizer needs lr > 0: the sharpness dimension is a function of "
+                "the learning rate)"
+            )
 
         self.base_optimizer = base_optimizer
         self.model = model
@@ -643,7 +651,7 @@ class SDOptimizer(torch.optim.Optimizer):
         self._eigenvectors: Tensor | None = None  # top-k Ritz vectors (warm start, penalty)
         self._bottom_vectors: Tensor | None = None  # bottom Ritz vectors (penalty)
         self._penalty_grad: Tensor | None = None
-        self._directions: Tensor | None = None  # P^{-1/2} v_i for the adam map
+        self._directions: Tensor | None = None  # P^{-1/2} v_i for a preconditioned map
         self._penalty_batch: Any = None  # the curvature batch of the last estimate
         # the bulk's quadrature (nodes, weights) of the last estimate, for the penalty surrogate
         self._bulk: tuple[Tensor, Tensor] | None = None
@@ -906,7 +914,8 @@ class SDOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ helpers
 
     def reference_lr(self) -> float:
-        """The learning rate SD is computed for: the largest ``lr`` among groups with parameters."""
+        """The learning rate SD is computed for: the largest ``lr`` among groups with parameters
+        (groups with other learning rates enter through :meth:`_lr_preconditioner`)."""
         lrs = [float(g["lr"]) for g in self.param_groups if g["params"]]
         return max(lrs)
 
@@ -1134,21 +1143,63 @@ class SDOptimizer(torch.optim.Optimizer):
         return float(value.item())
 
     def _preconditioner(self) -> Tensor | None:
-        """Adam's frozen preconditioner ``P`` in the curvature engine's parameter order
-        (``inf`` for parameters Adam has never moved), or ``None`` for the other maps."""
+        """The diagonal preconditioner ``P`` of the exponent map in the curvature engine's
+        parameter order, or ``None`` (the plain map ``I - η_ref H``).
+
+        The map is ``I - η_ref P^{-1} H``: its spectrum is that of
+        ``I - η_ref P^{-1/2} H P^{-1/2}`` (similar matrices), which is what the estimator
+        computes. ``P`` is the product of Adam's frozen ``sqrt(v̂) + ε`` (``exponent_map="adam"``)
+        and of the layer-wise learning rates' ``η_ref / η`` (:meth:`_lr_preconditioner`);
+        ``inf`` marks a coordinate the map leaves where it is.
+        """
+        lr_part = self._lr_preconditioner()
         if self.exponent_map != "adam":
-            return None
-        from sdopt.curvature.functional import _unwrap
+            return lr_part
         from sdopt.dimension import adam_preconditioner
 
-        # the optimizer's own parameters, found through DDP / compile wrappers, in the order
-        # of HessianOperator's flat vectors (named_parameters, trainable, tied once)
-        params = [p for _, p in _unwrap(self.model).named_parameters() if p.requires_grad]
-        return adam_preconditioner(self.base_optimizer, params, missing="frozen")
+        adam = adam_preconditioner(self.base_optimizer, self._curvature_params(), missing="frozen")
+        return adam if lr_part is None else adam * lr_part.to(adam)
+
+    def _curvature_params(self) -> list[Tensor]:
+        """The optimizer's own parameters, found through DDP / compile wrappers, in the order of
+        ``HessianOperator``'s flat vectors (``named_parameters``, trainable, tied once)."""
+        from sdopt.curvature.functional import _unwrap
+
+        return [p for _, p in _unwrap(self.model).named_parameters() if p.requires_grad]
+
+    def _lr_preconditioner(self) -> Tensor | None:
+        """Layer-wise learning rates as a preconditioner: ``P = η_ref / η`` per coordinate.
+
+        The map of gradient descent with per-group learning rates is ``I - diag(η) H``, with
+        ``η`` the ``lr`` of each parameter's group (0 for a parameter in no group). With the
+        reference ``η_ref`` = :meth:`reference_lr` it is ``I - η_ref P^{-1} H`` for
+        ``P = η_ref / η`` (``inf`` where ``η = 0``: the map leaves the coordinate where it
+        is). ``None`` when every trainable coordinate has ``η = η_ref`` (the plain map).
+        """
+        ref = self.reference_lr()
+        if not ref > 0:
+            return None
+        lr_of = {id(p): float(g["lr"]) for g in self.param_groups for p in g["params"]}
+        params = self._curvature_params()
+        etas = [lr_of.get(id(p), 0.0) for p in params]
+        if all(eta == ref for eta in etas):
+            return None
+        return torch.cat(
+            [
+                torch.full(
+                    (p.numel(),),
+                    ref / eta if eta > 0 else math.inf,
+                    dtype=torch.float64,
+                    device=p.device,
+                )
+                for p, eta in zip(params, etas)
+            ]
+        )
 
     @staticmethod
     def _adam_directions(est: Any, precond: Tensor | None) -> Tensor | None:
-        """``P^{-1/2} v_i`` for the adam map (the penalty differentiates along them)."""
+        """``P^{-1/2} v_i`` for a preconditioned map (adam, layer-wise learning rates): the
+        penalty differentiates along them."""
         if precond is None or est.eigenvectors is None:
             return None
         vectors = _exact_vectors(est)

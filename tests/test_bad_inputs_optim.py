@@ -66,10 +66,18 @@ def _base(cls: Callable[..., torch.optim.Optimizer], **kw: Any) -> Callable[[], 
     return make
 
 
-def _lr_zero_second_group() -> SDOptimizer:
+def _lr_negative_second_group() -> SDOptimizer:
     model = _model()
     first, second = list(model.parameters())[:2], list(model.parameters())[2:]
     base = torch.optim.SGD([{"params": first}, {"params": second, "lr": 0.0}], lr=0.1)
+    base.param_groups[1]["lr"] = -0.1  # torch checks at construction only
+    return _build(model, base=base)
+
+
+def _lr_zero_every_group() -> SDOptimizer:
+    model = _model()
+    first, second = list(model.parameters())[:2], list(model.parameters())[2:]
+    base = torch.optim.SGD([{"params": first}, {"params": second}], lr=0.0)
     return _build(model, base=base)
 
 
@@ -139,7 +147,9 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     ("model_frozen", lambda: _build(_frozen(), base=torch.optim.SGD(
         [nn.Parameter(torch.zeros(1))], lr=0.1)), ValueError, "model"),
     ("lr_zero", _base(torch.optim.SGD, lr=0.0), ValueError, "lr: 0.0"),
-    ("lr_zero_in_a_group", _lr_zero_second_group, ValueError, "lr: 0.0 in param group 1"),
+    ("lr_negative_in_a_group", _lr_negative_second_group, ValueError,
+     "lr: -0.1 in param group 1"),
+    ("lr_zero_in_every_group", _lr_zero_every_group, ValueError, "lr: [0.0, 0.0]"),
     ("adam_map_over_sgd", _base(torch.optim.SGD, lr=0.1, exponent_map="adam"), ValueError,
      "exponent_map: 'adam' over a SGD"),
     ("adam_map_over_momentum_sgd", _base(torch.optim.SGD, lr=0.1, momentum=0.9,
