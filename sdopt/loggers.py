@@ -170,22 +170,36 @@ class CSVLogger(Logger):
     Args:
         path: File to write; parent directories are created.
         prefix: Key prefix (``""`` by default: plain column names).
+        append: Keep the rows of an existing file (a resumed run) and add to them, widening the
+            header if needed, instead of starting the file afresh at the first record.
     """
 
-    def __init__(self, path: str | Path, *, prefix: str = "") -> None:
+    def __init__(self, path: str | Path, *, prefix: str = "", append: bool = False) -> None:
         self.path = check_output_path("path", path)
         self.prefix = check_str("prefix", prefix)
+        self.append = check_bool("append", append)
         self._fields: list[str] = []
         self._file: TextIO | None = None
         self._writer: csv.DictWriter | None = None
+
+    def _existing(self) -> tuple[list[str], list[dict[str, str]]]:
+        """Header and rows of the file as it is on disk (empty when there is none)."""
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            return [], []
+        with self.path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            return list(reader.fieldnames or []), rows
 
     def _reopen(self) -> None:
         """(Re)write the file with the current header, keeping the rows already written."""
         old_rows: list[dict[str, str]] = []
         if self._file is not None:
             self._file.close()
-            with self.path.open(newline="", encoding="utf-8") as f:
-                old_rows = list(csv.DictReader(f))
+            old_rows = self._existing()[1]
+        elif self.append:
+            fields, old_rows = self._existing()
+            self._fields = fields + [k for k in self._fields if k not in fields]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("w", newline="", encoding="utf-8")
         self._writer = csv.DictWriter(self._file, fieldnames=self._fields, restval="")

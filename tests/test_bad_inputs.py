@@ -347,6 +347,7 @@ CASES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("csv-path-none", lambda t: CSVLogger(None), "Invalid path"),
     ("csv-path-empty", lambda t: CSVLogger(""), "Invalid path"),
     ("csv-path-directory", lambda t: CSVLogger(t), "Invalid path"),
+    ("csv-append-str", lambda t: CSVLogger(t / "a.csv", append="yes"), "Invalid append"),
     ("csv-path-under-file", lambda t: CSVLogger(a_file(t) / "log.csv"), "Invalid path"),
     ("csv-prefix", lambda t: CSVLogger(t / "log.csv", prefix=3), "Invalid prefix"),
     ("jsonl-path-none", lambda t: JSONLLogger(None), "Invalid path"),

@@ -86,6 +86,24 @@ def test_csv_logger_widens_header_when_eigenvalues_appear(tmp_path: Path) -> Non
     assert float(rows[1]["sharpness_dimension"]) == 2.5
 
 
+def test_csv_logger_append_keeps_a_resumed_runs_rows(tmp_path: Path) -> None:
+    path = tmp_path / "sd.csv"
+    with CSVLogger(path) as logger:
+        logger.log(EstimateRecord(step=0, status="skipped", reason="non-finite loss"))
+    with CSVLogger(path, append=True) as logger:  # the resumed run: a wider record comes
+        logger.log(_record(step=5))
+        logger.log(_record(step=10))
+    rows = list(csv.DictReader(path.open()))
+    assert [r["step"] for r in rows] == ["0", "5", "10"]
+    assert rows[0]["reason"] == "non-finite loss" and float(rows[2]["eigenvalue_2"]) == 20.0
+    with CSVLogger(path) as logger:  # without append a new run starts the file afresh
+        logger.log(_record(step=20))
+    assert [r["step"] for r in csv.DictReader(path.open())] == ["20"]
+    with CSVLogger(tmp_path / "new.csv", append=True) as logger:  # nothing to append to
+        logger.log(_record(step=1))
+    assert [r["step"] for r in csv.DictReader((tmp_path / "new.csv").open())] == ["1"]
+
+
 def test_csv_logger_writes_the_range_and_decomposition(tmp_path: Path) -> None:
     path = tmp_path / "sd.csv"
     with CSVLogger(path) as logger:
