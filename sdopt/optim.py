@@ -50,7 +50,7 @@ ESTIMATORS = ("deflated", "exact", "topk")
 DEFAULT_EVERY = 20_000
 # kinds of failure caught (warned, counted in SDOptimizer.failures) so that training goes on
 FAILURE_KINDS = ("logger", "estimate", "penalty", "sdopt")
-_STATE_VERSION = 2
+_STATE_VERSION = 3  # 3: torch's layout with 'sdopt'; 1, 2: {'base': ..., 'sdopt': ...}
 # keyword arguments of sdopt.top_eigenpairs accepted in estimate_kwargs (-> solver_options)
 _SOLVER_KEYS = ("max_iters", "max_basis", "init_noise", "criterion")
 # keyword arguments of estimate_sharpness_dimension accepted in estimate_kwargs
@@ -592,7 +592,6 @@ class SDOptimizer(torch.optim.Optimizer):
                         f"{tuple(p.shape)} that is not a parameter of model"
                     )
 
-        self.base_optimizer = base_optimizer
         if self.exponent_map == "adam" and not _is_adam(base_optimizer):
             raise ValueError(
                 f"Invalid exponent_map: 'adam' over a {type(base_optimizer).__name__} base "
@@ -616,7 +615,6 @@ class SDOptimizer(torch.optim.Optimizer):
                 "the learning rate)"
             )
 
-        self.base_optimizer = base_optimizer
         self.model = model
         self.loss_fn = loss_fn
         from sdopt.curvature.functional import ModelLoss
@@ -625,18 +623,15 @@ class SDOptimizer(torch.optim.Optimizer):
         if self.data.kind == "fixed":
             _dry_run(model, loss_fn, self.data.fixed, dropout)
 
-        # torch.optim.Optimizer plumbing. No super().__init__ (it would build new groups):
-        # param_groups, state and defaults are properties that read and write the base's.
-        from collections import OrderedDict
-
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
-        self._warned_capturable_if_run_uncaptured = True
+        # torch.optim.Optimizer's own __init__ sets up its plumbing (hooks, the patched step,
+        # whatever a later torch release adds). While it runs, ``param_groups``, ``state`` and
+        # ``defaults`` are this object's own (a copy of the base's groups, validated by torch's
+        # add_param_group); then they are dropped and the properties read and write the base's.
+        groups = [{**g, "params": list(g["params"])} for g in base_optimizer.param_groups]
+        torch.optim.Optimizer.__init__(self, groups, base_optimizer.defaults)
+        for name in self._OWN_DURING_INIT:
+            self.__dict__.pop(name, None)
+        self.base_optimizer = base_optimizer
         self._warned_infeasible = False
 
         device = trainable[0].device
@@ -671,32 +666,47 @@ class SDOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ torch.optim contract
 
+    # ``param_groups``, ``state`` and ``defaults`` are the base optimizer's; until the base is
+    # attached (inside Optimizer.__init__) they are this object's own, under these names
+    _OWN_DURING_INIT = ("_own_param_groups", "_own_state", "_own_defaults")
+
+    def _shared(self, name: str) -> Any:
+        base = self.__dict__.get("base_optimizer")
+        return getattr(base, name) if base is not None else self.__dict__["_own_" + name]
+
+    def _share(self, name: str, value: Any) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is None:
+            self.__dict__["_own_" + name] = value
+        else:
+            setattr(base, name, value)
+
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
         """The base optimizer's ``param_groups`` (the same list object)."""
-        return self.base_optimizer.param_groups
+        return self._shared("param_groups")
 
     @param_groups.setter
     def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.base_optimizer.param_groups = value
+        self._share("param_groups", value)
 
     @property
     def state(self) -> Any:  # type: ignore[override]
         """The base optimizer's per-parameter ``state``."""
-        return self.base_optimizer.state
+        return self._shared("state")
 
     @state.setter
     def state(self, value: Any) -> None:
-        self.base_optimizer.state = value
+        self._share("state", value)
 
     @property
     def defaults(self) -> dict[str, Any]:  # type: ignore[override]
         """The base optimizer's ``defaults``."""
-        return self.base_optimizer.defaults
+        return self._shared("defaults")
 
     @defaults.setter
     def defaults(self, value: dict[str, Any]) -> None:
-        self.base_optimizer.defaults = value
+        self._share("defaults", value)
 
     @property
     def last_estimate(self) -> EstimateRecord | None:
@@ -709,6 +719,9 @@ class SDOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base optimizer (visible here too: ``param_groups`` is shared)."""
+        if self.__dict__.get("base_optimizer") is None:  # inside Optimizer.__init__
+            torch.optim.Optimizer.add_param_group(self, param_group)
+            return
         model_ids = {id(p) for p in self.model.parameters()}
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
@@ -771,6 +784,9 @@ class SDOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"Invalid closure: {closure!r} (must be a callable returning the loss)"
             )
+        if closure is None and self._is_state_initialisation():
+            self.base_optimizer.step()  # moves nothing; only creates the base's state
+            return None
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -804,6 +820,22 @@ class SDOptimizer(torch.optim.Optimizer):
             raise
         self.step_count += 1
         return loss
+
+    def _is_state_initialisation(self) -> bool:
+        """Whether this ``step()`` is a state initialisation, not a training step: every group's
+        ``lr`` is 0 and every gradient is zero, so it moves nothing. That is how
+        ``torch.distributed.checkpoint.state_dict`` creates an optimizer's state before it
+        saves or loads it (``_init_optim_state``); sdopt neither counts nor estimates there, so
+        a checkpoint taken through DCP leaves the run exactly as it was."""
+        groups = [g for g in self.param_groups if g["params"]]
+        if not groups or any(float(g.get("lr", 1.0)) != 0.0 for g in groups):
+            return False
+        return all(
+            p.grad is not None and not bool(p.grad.any())
+            for g in groups
+            for p in g["params"]
+            if p.requires_grad
+        )
 
     def _sdopt_part(self, t: int, loss: Any) -> None:
         """The estimate (if due) and the penalty (``mode="penalty"``) of step ``t``."""
@@ -1366,61 +1398,105 @@ class SDOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: the base optimizer's ``state_dict`` under
-        ``"base"`` and sdopt's own state (step counter, LR scale, controller state, generator
-        state, eigenvector cache, penalty-gradient cache, curvature-iterator position, history)
-        under ``"sdopt"``."""
+        """Everything needed to resume exactly, in ``torch.optim``'s layout.
+
+        ``"state"`` and ``"param_groups"`` (and any other entry) are the base optimizer's
+        ``state_dict()``; sdopt's own state (step counter, LR scale, controller state,
+        generator state, eigenvector cache, penalty-gradient cache, curvature-iterator position,
+        history) is under ``"sdopt"`` and, the same object, under ``param_groups[0]["sdopt"]``:
+        ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` keeps only
+        ``state`` and ``param_groups`` (with every key of each group), so that is where it
+        travels through DCP. The wrapper's ``register_state_dict_pre_hook`` /
+        ``post_hook`` hooks run around it."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        base = self.base_optimizer.state_dict()
+        extras = self._sdopt_state()
+        groups = [dict(g) for g in base["param_groups"]]
+        if groups:
+            groups[0]["sdopt"] = extras
+        out = {**base, "param_groups": groups, "sdopt": extras}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, out)
+            if result is not None:
+                out = result
+        return out
+
+    def _sdopt_state(self) -> dict[str, Any]:
         return {
-            "base": self.base_optimizer.state_dict(),
-            "sdopt": {
-                "version": _STATE_VERSION,
-                "mode": self.mode,
-                "step_count": self.step_count,
-                "deferred": self._deferred,
-                "lr_scale": self.lr_scale,
-                "controller_state": self.controller_state.to_dict(),
-                "generator": self.generator.get_state(),
-                "eigenvalues": None if self._eigenvalues is None else self._eigenvalues.clone(),
-                "eigenvectors": None if self._eigenvectors is None else self._eigenvectors.clone(),
-                "bottom_vectors": (
-                    None if self._bottom_vectors is None else self._bottom_vectors.clone()
-                ),
-                "penalty_grad": None if self._penalty_grad is None else self._penalty_grad.clone(),
-                "directions": None if self._directions is None else self._directions.clone(),
-                "penalty_batch": self._penalty_batch if self.data.kind != "fixed" else None,
-                "bulk": None if self._bulk is None else [t.clone() for t in self._bulk],
-                "data_drawn": self.data.drawn,
-                "data_cursor": self.data.cursor(),
-                "history": [asdict(r) for r in self.history],
-                "failures": dict(self.failures),
-                "failure_events": [dict(e) for e in self.failure_events],
-            },
+            "version": _STATE_VERSION,
+            "mode": self.mode,
+            "step_count": self.step_count,
+            "deferred": self._deferred,
+            "lr_scale": self.lr_scale,
+            "controller_state": self.controller_state.to_dict(),
+            "generator": self.generator.get_state(),
+            "eigenvalues": None if self._eigenvalues is None else self._eigenvalues.clone(),
+            "eigenvectors": None if self._eigenvectors is None else self._eigenvectors.clone(),
+            "bottom_vectors": (
+                None if self._bottom_vectors is None else self._bottom_vectors.clone()
+            ),
+            "penalty_grad": None if self._penalty_grad is None else self._penalty_grad.clone(),
+            "directions": None if self._directions is None else self._directions.clone(),
+            "penalty_batch": self._penalty_batch if self.data.kind != "fixed" else None,
+            "bulk": None if self._bulk is None else [t.clone() for t in self._bulk],
+            "data_drawn": self.data.drawn,
+            "data_cursor": self.data.cursor(),
+            "history": [asdict(r) for r in self.history],
+            "failures": dict(self.failures),
+            "failure_events": [dict(e) for e in self.failure_events],
         }
+
+    @staticmethod
+    def _split_state_dict(state_dict: Any) -> tuple[dict[str, Any], Any]:
+        """``(base optimizer's state dict, sdopt's state)`` of a checkpoint in any layout:
+        torch's with ``"sdopt"`` (version 3; from DCP only ``param_groups[0]["sdopt"]``) or
+        ``{"base": ..., "sdopt": ...}`` (versions 1 and 2)."""
+        if isinstance(state_dict, dict) and "base" in state_dict and "sdopt" in state_dict:
+            return state_dict["base"], state_dict["sdopt"]
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if isinstance(groups, list) and "state" in state_dict:
+            first = groups[0] if groups and isinstance(groups[0], dict) else {}
+            if "sdopt" in state_dict or "sdopt" in first:
+                s = state_dict["sdopt"] if "sdopt" in state_dict else first["sdopt"]
+                base = {k: v for k, v in state_dict.items() if k != "sdopt"}
+                base["param_groups"] = [
+                    {k: v for k, v in g.items() if k != "sdopt"} if isinstance(g, dict) else g
+                    for g in groups
+                ]
+                return base, s
+        keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+        raise ValueError(
+            f"Invalid state_dict: keys {keys} (must come from SDOptimizer.state_dict(): "
+            "'state' and 'param_groups' with sdopt's state under 'sdopt'; to load a plain "
+            "optimizer checkpoint use opt.base_optimizer.load_state_dict)"
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (the base optimizer's state included).
 
+        Reads torch's layout with ``"sdopt"`` (also as it comes back from
+        ``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict``, with sdopt's state
+        in ``param_groups[0]``) and the earlier ``{"base": ..., "sdopt": ...}`` checkpoints
+        (versions 1 and 2). The wrapper's ``register_load_state_dict_pre_hook`` /
+        ``post_hook`` hooks run around it.
+
         Raises:
             ValueError: If ``state_dict`` was not produced by :meth:`SDOptimizer.state_dict`.
         """
-        if (
-            not isinstance(state_dict, dict)
-            or "base" not in state_dict
-            or "sdopt" not in state_dict
-        ):
-            keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
-            raise ValueError(
-                f"Invalid state_dict: keys {keys} (must come from SDOptimizer.state_dict(); "
-                "to load a plain optimizer checkpoint use opt.base_optimizer.load_state_dict)"
-            )
-        s = state_dict["sdopt"]
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        base_state, s = self._split_state_dict(state_dict)
         if not isinstance(s, dict):
             raise ValueError(
                 f"Invalid state_dict: 'sdopt' entry is a {type(s).__name__} (must be a dict)"
             )
-        if s.get("version") not in (1, _STATE_VERSION):
+        if s.get("version") not in (1, 2, _STATE_VERSION):
             raise ValueError(
-                f"Invalid state_dict: version {s.get('version')!r} (expected {_STATE_VERSION})"
+                f"Invalid state_dict: version {s.get('version')!r} (expected {_STATE_VERSION}, "
+                "or 1 or 2 of earlier releases)"
             )
         if s.get("mode") != self.mode:
             raise ValueError(
@@ -1442,11 +1518,12 @@ class SDOptimizer(torch.optim.Optimizer):
                     f"{dim} trainable parameters; the checkpoint is of another model)"
                 )
         try:
-            self.base_optimizer.load_state_dict(state_dict["base"])
+            self.base_optimizer.load_state_dict(base_state)
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(
-                f"Invalid state_dict: its 'base' entry does not fit the base optimizer "
-                f"{type(self.base_optimizer).__name__} ({type(exc).__name__}: {exc})"
+                f"Invalid state_dict: its base-optimizer part ('state', 'param_groups') does not "
+                f"fit the base optimizer {type(self.base_optimizer).__name__} "
+                f"({type(exc).__name__}: {exc})"
             ) from exc
         device = self._device
         self.step_count = int(s["step_count"])
@@ -1480,6 +1557,8 @@ class SDOptimizer(torch.optim.Optimizer):
         self._spectrum = None
         self._sdopt_seconds = 0.0
         self._interval_start = None
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def close(self) -> None:
         """Close every logger that has a ``close()`` method."""

@@ -236,7 +236,11 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     # --- load_state_dict
     ("state_dict_empty", _load(lambda s: {}), ValueError, "state_dict: keys []"),
     ("state_dict_str", _load(lambda s: "checkpoint.pt"), ValueError, "state_dict: keys str"),
-    ("state_dict_plain_base", _load(lambda s: s["base"]), ValueError, "state_dict: keys"),
+    ("state_dict_plain_base", _load(lambda s: {"state": s["state"], "param_groups": [
+        {k: v for k, v in g.items() if k != "sdopt"} for g in s["param_groups"]]}), ValueError,
+     "state_dict: keys ['param_groups', 'state']"),
+    ("state_dict_old_layout_plain_base", _load(lambda s: {"base": s}), ValueError,
+     "state_dict: keys ['base']"),
     ("state_dict_version", _load(_set(("sdopt", "version"), 99)), ValueError,
      "state_dict: version 99"),
     ("state_dict_sdopt_not_dict", _load(_set(("sdopt",), [1, 2])), ValueError,
@@ -253,9 +257,12 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     ("state_dict_eigenvectors_of_another_model", _load(lambda s: s, model=nn.Sequential(
         nn.Linear(4, 2), nn.Linear(2, 3)).double()), ValueError,
      "state_dict: eigenvectors of size 43 (this model has 19"),
-    ("state_dict_base_of_another_optimizer", _load(lambda s: {**s, "base": {
-        **s["base"], "param_groups": s["base"]["param_groups"] * 2}}), ValueError,
-     "state_dict: its 'base' entry does not fit"),
+    ("state_dict_base_of_another_optimizer", _load(lambda s: {
+        **s, "param_groups": s["param_groups"] * 2}), ValueError,
+     "state_dict: its base-optimizer part ('state', 'param_groups') does not fit"),
+    ("state_dict_old_layout_base_of_another_optimizer", _load(lambda s: {"sdopt": s["sdopt"],
+     "base": {"state": s["state"], "param_groups": s["param_groups"] * 2}}), ValueError,
+     "state_dict: its base-optimizer part"),
 ]  # fmt: skip
 
 

@@ -300,8 +300,16 @@ def test_state_dict_contains_everything() -> None:
     model, opt = _make("penalty")
     _train(model, opt, _data(), 5)
     s = opt.state_dict()
-    assert set(s) == {"base", "sdopt"}
+    # torch's layout (the base's state and param_groups) with sdopt's state under "sdopt"
+    assert set(s) == {"state", "param_groups", "sdopt"}
+    plain = opt.base_optimizer.state_dict()
+    assert s["state"].keys() == plain["state"].keys()
+    assert [{k: v for k, v in g.items() if k != "sdopt"} for g in s["param_groups"]] == (
+        plain["param_groups"]
+    )
+    assert s["param_groups"][0]["sdopt"] is s["sdopt"]  # where DCP carries it
     inner = s["sdopt"]
+    assert inner["version"] == 3
     assert inner["step_count"] == 5
     assert inner["eigenvectors"].shape == (sum(p.numel() for p in model.parameters()), 2)
     assert inner["penalty_grad"] is not None and isinstance(inner["generator"], torch.Tensor)
