@@ -160,11 +160,6 @@ def test_a_loader_of_strings_is_skipped_with_a_message_naming_the_forms() -> Non
     assert opt.last_estimate.status == "skipped"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sdopt.dimension.estimators._operators normalises ModelLoss data with "
-    "normalize_batches (pairs and mappings only): estimate_sharpness_dimension itself fails",
-)
 def test_model_loss_on_a_mapping_batch_records_the_estimator() -> None:
     model, batch = _gpt2(), _batch()
     loss = ModelLoss(lambda m, b: m(**b).loss)

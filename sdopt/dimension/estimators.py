@@ -211,10 +211,13 @@ def _operators(
     model: Any, loss_fn: Callable[..., Any], data: Any, protocol: str, preconditioner: Any,
     operator_options: dict[str, Any],
 ) -> list[Any]:  # fmt: skip
-    from sdopt.curvature import HessianOperator
-    from sdopt.curvature.functional import normalize_batches
+    from sdopt.curvature import HessianOperator, ModelLoss
+    from sdopt.curvature.functional import normalize_batches, normalize_model_loss_batches
 
-    batches = normalize_batches(data)
+    if isinstance(loss_fn, ModelLoss):  # the batches go to fn(model, batch) as they are
+        batches: list[Any] = [b for b, _ in normalize_model_loss_batches(data)]
+    else:
+        batches = normalize_batches(data)
     groups = [batches] if protocol == "full-batch" else [[b] for b in batches]
     ops = [HessianOperator(model, loss_fn, g, **operator_options) for g in groups]
     if preconditioner is not None:

@@ -253,3 +253,24 @@ def test_non_finite_loss_raises(problem, method) -> None:
     bad = [(batches[0][0] * float("nan"), batches[0][1]), *batches[1:]]
     with pytest.raises(NonFiniteLossError):
         estimate_sharpness_dimension(model, LOSS, bad, lr, method)
+
+
+def test_model_loss_batches_reach_fn_as_they_are(problem) -> None:
+    """A ModelLoss gets each batch unchanged (a 3-tuple with sample weights here), and
+    weights of one give the plain loss's estimate."""
+    from sdopt.curvature import ModelLoss
+
+    model, batches, _, lr = problem
+    weighted = [(x, y, torch.ones(len(y), dtype=x.dtype)) for x, y in batches]
+    seen = []
+
+    def fn(m, batch):
+        seen.append(type(batch))
+        x, y, w = batch
+        return (w * LOSS(m(x), y, reduction="none").reshape(len(y), -1).mean(1)).mean()
+
+    options = {"generator": torch.Generator().manual_seed(0)}
+    by_pairs = estimate_sharpness_dimension(model, LOSS, batches, lr, "exact", **options)
+    by_fn = estimate_sharpness_dimension(model, ModelLoss(fn), weighted, lr, "exact", **options)
+    assert tuple in seen
+    assert by_fn.value == pytest.approx(by_pairs.value, abs=1e-8)
