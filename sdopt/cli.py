@@ -1,10 +1,12 @@
 """The ``sdopt`` command line: ``sdopt grok`` trains the grokking benchmark, ``sdopt sweep`` a grid.
 
-``sdopt grok`` with no flags trains a GELU MLP on ``(a + b) mod 59`` (half of the pairs for
-training) with full-batch AdamW (lr 3e-3, weight decay 1) for 2,500 steps while
-:class:`sdopt.SDOptimizer` monitors the sharpness dimension every 100 steps; it fits the training
-set within a few hundred steps and groks (validation accuracy ≥ 95 %) about a thousand steps
-later, in a few minutes on a 2-core CPU. It writes ``metrics.csv`` (or ``.jsonl``),
+``sdopt grok`` with no flags trains the paper's grokking MLP at CPU scale (a bias-free GELU MLP
+of width 32 with 3 linear layers, its initial parameters scaled by 3) on ``(a + b) mod 97``
+(40 % of the pairs for training) with full-batch SGD (lr 2, heavy-ball momentum 0.9, weight
+decay 5e-4) for 1,200 steps, at the edge of stability of its own (heavy-ball) map, while
+:class:`sdopt.SDOptimizer` monitors the sharpness dimension every 100 steps; it fits the
+training set in about 500 steps and groks (validation accuracy ≥ 95 %) at about step 900, in
+about a minute on one CPU core. It writes ``metrics.csv`` (or ``.jsonl``),
 ``sdopt_records.jsonl``, ``grokking.png``, ``summary.json`` and ``checkpoint.pt`` into ``--out``.
 
 ``sdopt sweep`` runs a grid (optimizers × modes × seeds, or any ``grok`` flags) sequentially
@@ -31,19 +33,27 @@ __all__ = ["GROK_DEFAULTS", "build_parser", "config_from_args", "main"]
 
 # The defaults of ``sdopt grok``: chosen by measurement to show grokking in minutes on a CPU.
 GROK_DEFAULTS: dict[str, Any] = {
-    "p": 59,
+    # the paper's grokking MLP at CPU scale, trained at the edge of stability of its own map:
+    # full-batch heavy ball whose eta * lambda_max climbs to the heavy-ball edge 2 (1 + beta)
+    # and stays near it while the network memorises, then groks (docs/grokking.md, measured)
+    "p": 97,
     "operation": "add",
-    "train_fraction": 0.5,
+    "train_fraction": 0.4,
     "model": "mlp",
-    "width": 256,
-    "optimizer": "adamw",
-    "lr": 3e-3,
-    "weight_decay": 1.0,
-    "steps": 2500,
+    "width": 32,
+    "layers": 3,
+    "bias": False,
+    "init_scale": 3.0,
+    "optimizer": "sgd",
+    "lr": None,  # the optimizer's own default: OPTIMIZER_DEFAULTS
+    "momentum": 0.9,
+    "weight_decay": None,
+    "steps": 1200,
     "eval_every": 10,
     "mode": "monitor",
     "every": 100,
     "k": 3,
+    "exponent_map": "auto",
     "seed": 0,
     "out": "runs/grok",
     "threads": 1,  # measured (docs/cli.md): torch's choice (one per core) is 1.5-5x slower under load
@@ -78,6 +88,24 @@ def _add_run_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
         default=d["width"],
         help="hidden width of the MLP (default: %(default)s)",
     )
+    g.add_argument(
+        "--layers",
+        type=int,
+        default=d["layers"],
+        help="linear layers of the MLP (default: %(default)s)",
+    )
+    g.add_argument(
+        "--bias",
+        action=argparse.BooleanOptionalAction,
+        default=d["bias"],
+        help="biases in the MLP's linear layers (default: %(default)s)",
+    )
+    g.add_argument(
+        "--init-scale",
+        type=float,
+        default=d["init_scale"],
+        help="factor on the MLP's initial parameters (default: %(default)s)",
+    )
     g = parser.add_argument_group("optimizer")
     if not sweep:
         g.add_argument(
@@ -93,15 +121,23 @@ def _add_run_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
             help="SDOptimizer mode; none trains with the plain optimizer (default: %(default)s)",
         )
         g.add_argument("--seed", type=int, default=d["seed"], help="seed (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=d["lr"], help="learning rate (default: %(default)s)")
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=d["lr"],
+        help="learning rate (default: 2.0 for sgd, 3e-3 for adam/adamw)",
+    )
     g.add_argument(
         "--weight-decay",
         type=float,
         default=d["weight_decay"],
-        help="weight decay (default: %(default)s)",
+        help="weight decay (default: 5e-4 for sgd, 1.0 for adam/adamw)",
     )
     g.add_argument(
-        "--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)"
+        "--momentum",
+        type=float,
+        default=d["momentum"],
+        help="SGD momentum (default: %(default)s)",
     )
     g.add_argument(
         "--grokfast-alpha", type=float, default=0.98, help="Grokfast EMA α (default: %(default)s)"
@@ -129,6 +165,13 @@ def _add_run_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
         help="top Hessian eigenpairs per estimate (default: %(default)s)",
     )
     g.add_argument(
+        "--exponent-map",
+        choices=["auto", "gd", "momentum", "adam"],
+        default=d["exponent_map"],
+        help="the map whose exponents SD is made of; auto: the optimizer's own (heavy ball for "
+        "SGD with momentum, adam for Adam/AdamW, gd otherwise) (default: %(default)s)",
+    )
+    g.add_argument(
         "--target-sd", type=float, default=None, help="mode lr: largest allowed predicted SD"
     )
     g.add_argument(
@@ -142,7 +185,7 @@ def _add_run_flags(parser: argparse.ArgumentParser, *, sweep: bool = False) -> N
         action="append",
         default=[],
         metavar="KEY=JSON",
-        help="any further SDOptimizer keyword, e.g. --sd-option exponent_map='\"adam\"' (repeatable)",
+        help="any further SDOptimizer keyword, e.g. --sd-option penalty_every=8 (repeatable)",
     )
     g = parser.add_argument_group("run")
     g.add_argument(
@@ -244,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimizers",
         nargs="+",
         choices=list(OPTIMIZERS),
-        default=["adamw", "grokfast-adamw"],
+        default=["sgd", "grokfast-sgd"],
         help="optimizers of the grid (default: %(default)s)",
     )
     sweep.add_argument(
@@ -273,6 +316,7 @@ _SD_RESERVED = {
     "every": "--every",
     "k": "--k",
     "loggers": "--wandb",
+    "exponent_map": "--exponent-map",
 }
 _SD_FLAGS = {"target_sd": "--target-sd", "penalty_strength": "--penalty-strength"}
 
@@ -285,6 +329,32 @@ def _sd_keywords() -> list[str]:
 
     names = inspect.signature(SDOptimizer.__init__).parameters
     return sorted(n for n in names if n != "self" and n not in _SD_RESERVED)
+
+
+# --lr and --weight-decay when not given, per base optimizer (grokfast-X uses X's): SGD at the
+# heavy-ball edge of the default task (measured, docs/grokking.md); Adam(W) as in the first
+# release's default AdamW task
+OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
+    "sgd": {"lr": 2.0, "weight_decay": 5e-4},
+    "adam": {"lr": 3e-3, "weight_decay": 1.0},
+    "adamw": {"lr": 3e-3, "weight_decay": 1.0},
+}
+
+
+def _optimizer_default(optimizer: str, name: str, given: float | None) -> float:
+    if given is not None:
+        return given
+    return OPTIMIZER_DEFAULTS[optimizer.removeprefix("grokfast-")][name]
+
+
+def _exponent_map(name: str, optimizer: str, momentum: float) -> str:
+    """``--exponent-map``: ``auto`` is the map of the base optimizer's own update."""
+    if name != "auto":
+        return name
+    base = optimizer.removeprefix("grokfast-")
+    if base in ("adam", "adamw"):
+        return "adam"
+    return "momentum" if momentum > 0 else "gd"
 
 
 def _sd_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -339,16 +409,20 @@ def config_from_args(
     """Translate parsed ``grok``/``sweep`` flags into a validated :class:`TrainConfig`."""
     model_kwargs: dict[str, Any] = {}
     if args.model == "mlp":
-        model_kwargs["width"] = args.width
+        model_kwargs.update(width=args.width, num_layers=args.layers, bias=args.bias)
+        model_kwargs["init_scale"] = args.init_scale
+    optimizer = optimizer if optimizer is not None else args.optimizer
+    sd_options = _sd_options(args)
+    sd_options["exponent_map"] = _exponent_map(args.exponent_map, optimizer, args.momentum)
     config = TrainConfig(
         p=args.p,
         operation=args.operation,
         train_fraction=args.train_fraction,
         model=args.model,
         model_kwargs=model_kwargs,
-        optimizer=optimizer if optimizer is not None else args.optimizer,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
+        optimizer=optimizer,
+        lr=_optimizer_default(optimizer, "lr", args.lr),
+        weight_decay=_optimizer_default(optimizer, "weight_decay", args.weight_decay),
         momentum=args.momentum,
         grokfast_alpha=args.grokfast_alpha,
         grokfast_lamb=args.grokfast_lamb,
@@ -358,7 +432,7 @@ def config_from_args(
         sd_mode=mode if mode is not None else args.mode,
         sd_every=args.every,
         sd_k=args.k,
-        sd_options=_sd_options(args),
+        sd_options=sd_options,
         seed=seed if seed is not None else args.seed,
         dtype=args.dtype,
         out_dir=out if out is not None else args.out,
@@ -409,6 +483,7 @@ def _sd_option_flags(args: argparse.Namespace) -> dict[str, str]:
     for item in args.sd_option:
         key = item.partition("=")[0]
         flags.setdefault(key, f"--sd-option {key}")
+    flags.setdefault("exponent_map", "--exponent-map")
     return flags
 
 
@@ -430,6 +505,8 @@ _FIELD_FLAGS = {
     "seed": "--seed",
     "threads": "--threads",
     "width": "--width",
+    "num_layers": "--layers",
+    "init_scale": "--init-scale",
 }
 # config fields that a resumed run must keep, and their flags
 _RESUME_FLAGS = {
@@ -566,7 +643,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from sdopt.sweeps import run_sweep
 
     if getattr(args, "grid", False):  # `sdopt grok --grid`: the default grid around these flags
-        optimizers = ["adamw", "grokfast-adamw"]
+        optimizers = ["sgd", "grokfast-sgd"]
         modes = ["none", "lr"]
         seeds = [0, 1, 2]
     else:

@@ -132,7 +132,7 @@ def _read_only(out: Path, finished: Path) -> None:
 
 
 def _sweep_run(out: Path, finished: Path) -> None:
-    _copy_run(out / "adamw_none_seed0", finished)
+    _copy_run(out / "sgd_none_seed0", finished)
 
 
 def _sweep_table(out: Path, finished: Path) -> None:
@@ -206,12 +206,22 @@ CASES: list[tuple[str, list[str], Callable[[Path, Path], None] | None, str, list
         ["Invalid --sd-option controller: 5"],
     ),
     (
-        "sd-option-exponent-map",
-        ["--optimizer", "sgd", "--sd-option", 'exponent_map="adam"'],
+        "exponent-map-adam-over-sgd",
+        ["--optimizer", "sgd", "--exponent-map", "adam"],
         None,
         GROK,
-        ["Invalid --sd-option exponent_map: 'adam'"],
+        ["Invalid --exponent-map: 'adam'"],
     ),
+    (
+        "sd-option-exponent-map-reserved",
+        ["--sd-option", 'exponent_map="gd"'],
+        None,
+        GROK,
+        ["Invalid --sd-option", "--exponent-map"],
+    ),
+    ("exponent-map-choice", ["--exponent-map", "sgd"], None, GROK, ["--exponent-map"]),
+    ("layers-one", ["--layers", "1"], None, GROK, ["Invalid --layers: 1"]),
+    ("init-scale-zero", ["--init-scale", "0"], None, GROK, ["Invalid --init-scale: 0"]),
     ("target-sd", ["--mode", "lr", "--target-sd", "-2"], None, GROK, ["Invalid --target-sd: -2"]),
     (
         "penalty-strength",
@@ -273,7 +283,7 @@ def test_cli_misuse_exits_2_with_one_line_naming_the_flag(
     if setup is not None:
         setup(out, finished_run)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    grid = ["--optimizers", "adamw", "--modes", "none", "--seeds", "0"] if command == SWEEP else []
+    grid = ["--optimizers", "sgd", "--modes", "none", "--seeds", "0"] if command == SWEEP else []
     full = [command, *TINY, *grid, "--out", str(out), *argv]  # the last of a repeated flag wins
     try:
         code = main(full)

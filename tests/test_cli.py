@@ -60,7 +60,12 @@ def test_grok_writes_metrics_plot_and_summary(tmp_path: Path, capsys) -> None:
     assert SUMMARY_KEYS <= set(summary)
     assert summary["steps"] == 12
     assert summary["config"]["sd_mode"] == "monitor"
-    assert summary["config"]["model_kwargs"] == {"width": 8}
+    assert summary["config"]["model_kwargs"] == {
+        "width": 8,
+        "num_layers": 3,
+        "bias": False,
+        "init_scale": 3.0,
+    }
     assert (out / "checkpoint.pt").exists()
     printed = capsys.readouterr().out
     assert "grokking (validation ≥ 95 %)" in printed and str(out) in printed
@@ -103,7 +108,12 @@ def test_grok_jsonl_and_flags_reach_the_config(tmp_path: Path) -> None:
         config["optimizer"] == "grokfast-sgd" and config["sd_mode"] == "lr" and config["seed"] == 3
     )
     assert config["lr"] == 0.05 and config["weight_decay"] == 0.5 and config["operation"] == "div"
-    assert config["sd_options"] == {"target_sd": 2.0, "penalty_every": 8}
+    # the exponent map is the optimizer's own (heavy ball: SGD with the default momentum 0.9)
+    assert config["sd_options"] == {
+        "target_sd": 2.0,
+        "penalty_every": 8,
+        "exponent_map": "momentum",
+    }
     assert not (out / "grokking.png").exists()
 
 
@@ -309,7 +319,7 @@ def test_no_command_prints_help(capsys) -> None:
 
 def test_defaults_are_the_documented_ones() -> None:
     args = build_parser().parse_args(["grok"])
-    assert args.p == GROK_DEFAULTS["p"] and args.mode == "monitor" and args.optimizer == "adamw"
+    assert args.p == GROK_DEFAULTS["p"] and args.mode == "monitor" and args.optimizer == "sgd"
     assert args.steps == GROK_DEFAULTS["steps"] and args.wandb == "disabled"
     # one thread: measured faster than torch's one-per-core on a shared CPU (docs/cli.md)
     assert args.threads == 1 and build_parser().parse_args(["sweep"]).threads == 1

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sdopt._checks import check_choice, check_in_range, check_int
+from sdopt._checks import check_bool, check_choice, check_in_range, check_int, check_positive
 
 OPERATIONS = ("add", "sub", "mul", "div")
 _SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
@@ -231,19 +231,33 @@ class GrokkingMLP(nn.Module):
         width: hidden width.
         num_layers: number of linear layers (``>= 2``).
         bias: whether the linear layers have biases.
+        init_scale: factor on every parameter after PyTorch's default initialisation (the
+            paper's grokking MLP uses 3: a large initial norm that weight decay must shrink).
     """
 
     def __init__(
-        self, p: int = 97, width: int = 32, num_layers: int = 2, *, bias: bool = True
+        self,
+        p: int = 97,
+        width: int = 32,
+        num_layers: int = 2,
+        *,
+        bias: bool = True,
+        init_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.p = check_int("p", p, minimum=2)
         check_int("width", width, minimum=1)
         check_int("num_layers", num_layers, minimum=2)
+        check_bool("bias", bias)
+        check_positive("init_scale", init_scale)
         sizes = [2 * p] + [width] * (num_layers - 1) + [p]
         self.layers = nn.ModuleList(
             nn.Linear(i, o, bias=bias) for i, o in itertools.pairwise(sizes)
         )
+        if init_scale != 1.0:
+            with torch.no_grad():
+                for param in self.parameters():
+                    param.mul_(init_scale)
 
     def forward(self, tokens: Tensor) -> Tensor:
         if tokens.ndim != 2 or tokens.shape[1] < 2:
