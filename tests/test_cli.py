@@ -420,3 +420,20 @@ def test_console_script_is_installed() -> None:
         pytest.skip("console script not installed in this environment")
     proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "sdopt" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, optimizer, lr, wd, exponent_map",
+    [
+        ([], "sgd", 2.0, 5e-4, "momentum"),
+        (["--momentum", "0"], "sgd", 2.0, 5e-4, "gd"),
+        (["--optimizer", "adamw"], "adamw", 3e-3, 1.0, "adam"),
+        (["--optimizer", "grokfast-adam", "--lr", "1e-3"], "grokfast-adam", 1e-3, 1.0, "adam"),
+        (["--exponent-map", "gd", "--weight-decay", "0"], "sgd", 2.0, 0.0, "gd"),
+    ],
+)
+def test_optimizer_defaults_and_the_own_exponent_map(argv, optimizer, lr, wd, exponent_map) -> None:
+    config = config_from_args(build_parser().parse_args(["grok", *argv]))
+    assert (config.optimizer, config.lr, config.weight_decay) == (optimizer, lr, wd)
+    assert config.sd_options["exponent_map"] == exponent_map
+    assert config.model_kwargs == {"width": 32, "num_layers": 3, "bias": False, "init_scale": 3.0}

@@ -183,3 +183,16 @@ def test_models_reject_bad_token_shapes() -> None:
         GrokkingMLP(7)(torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="Invalid tokens shape"):
         PowerTransformer(8, 7)(torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_mlp_init_scale_multiplies_the_default_initialisation() -> None:
+    torch.manual_seed(0)
+    plain = GrokkingMLP(7, 4, 3, bias=False)
+    torch.manual_seed(0)
+    scaled = GrokkingMLP(7, 4, 3, bias=False, init_scale=3.0)
+    assert all(torch.equal(3.0 * a, b) for a, b in zip(plain.parameters(), scaled.parameters()))
+    assert sum(p.numel() for p in scaled.parameters()) == 14 * 4 + 4 * 4 + 4 * 7
+    with pytest.raises(ValueError, match="Invalid init_scale: 0"):
+        GrokkingMLP(7, init_scale=0.0)
+    with pytest.raises(ValueError, match="Invalid bias"):
+        GrokkingMLP(7, bias="no")
