@@ -336,7 +336,15 @@ def plot_training(
     ax_scale.set_ylabel("LR scale", color="tab:purple")
     handles = ax_edge.get_legend_handles_labels()
     more = ax_scale.get_legend_handles_labels()
-    ax_edge.legend(handles[0] + more[0], handles[1] + more[1], loc="upper right", fontsize=8)
+    ax_edge.legend(  # above the panel, as the decomposition's: never under the curve
+        handles[0] + more[0],
+        handles[1] + more[1],
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=3,
+        fontsize=7.5,
+        frameon=False,
+    )
 
     for ax in (ax_acc, ax_sd, ax_dec, ax_edge):
         ax.set_xscale("log")
