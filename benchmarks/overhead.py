@@ -8,11 +8,12 @@ Two workloads, measured side by side in one process:
   choice); ``SDOptimizer`` at its own defaults (``every=DEFAULT_EVERY``, the estimator's ``k``).
 - ``grok``: the default ``sdopt grok`` task exactly as the CLI builds it (its parsed default
   flags through ``sdopt.cli.config_from_args``, then ``sdopt.train``'s dataset, model and
-  optimizer builders): (a + b) mod 59, half the pairs for training, GELU MLP of width 256,
-  full-batch AdamW lr 3e-3, weight decay 1, and ``SDOptimizer`` with the CLI's ``--k`` and
-  ``--every`` on the whole training set, as :func:`sdopt.train.train` passes them. Only the
-  optimizer steps are timed (``sdopt grok`` also evaluates every 10 steps, which this leaves
-  out, so the ratios here are upper bounds for the CLI's wall time).
+  optimizer builders; since 2026-12-01 the paper's MLP on (a + b) mod 97 with full-batch SGD
+  at its heavy-ball edge, before that AdamW on (a + b) mod 59), and ``SDOptimizer`` with the
+  CLI's ``--k``, ``--every`` and exponent map on the whole training set, as
+  :func:`sdopt.train.train` passes them. Only the optimizer steps are timed (``sdopt grok``
+  also evaluates every 10 steps, which this leaves out, so the ratios here are upper bounds
+  for the CLI's wall time).
 
 All modes of a workload run from the same initialisation at the defaults above, except that
 estimates are made every ``--window`` steps instead of every ``every`` steps, so that a warm
