@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -437,3 +438,20 @@ def test_optimizer_defaults_and_the_own_exponent_map(argv, optimizer, lr, wd, ex
     assert (config.optimizer, config.lr, config.weight_decay) == (optimizer, lr, wd)
     assert config.sd_options["exponent_map"] == exponent_map
     assert config.model_kwargs == {"width": 32, "num_layers": 3, "bias": False, "init_scale": 3.0}
+
+
+@pytest.mark.slow
+def test_the_default_job_sits_at_the_edge_and_groks(tmp_path: Path) -> None:
+    """Issue 13's main job: `sdopt grok` at its defaults is at the edge of stability of its own
+    (heavy-ball) map in at least a quarter of the estimates, and groks within its 1,200 steps."""
+    args = build_parser().parse_args(["grok", "--out", str(tmp_path / "run"), "--no-plot"])
+    config = config_from_args(args)
+    from sdopt.train import train
+
+    result = train(dataclasses.replace(config, progress=False))
+    ratios = [r["edge_ratio"] for r in result.records if r["status"] == "ok"]
+    assert len(ratios) == 12
+    assert sum(r >= 0.8 for r in ratios) >= len(ratios) / 4, ratios
+    assert max(ratios) < 1.5 and not result.summary["diverged"]
+    assert result.summary["steps_to_95_val_accuracy"] is not None
+    assert result.summary["steps_to_95_val_accuracy"] <= 1000
