@@ -91,60 +91,86 @@ def summarize_runs(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# TrainConfig fields (and model_kwargs / sd_options keys) that `sdopt grok` sets by a flag
+_SWEEP_FLAGS = {
+    "optimizer": "optimizer",
+    "sd_mode": "mode",
+    "seed": "seed",
+    "p": "p",
+    "operation": "operation",
+    "train_fraction": "train-fraction",
+    "model": "model",
+    "lr": "lr",
+    "weight_decay": "weight-decay",
+    "momentum": "momentum",
+    "batch_size": "batch-size",
+    "steps": "steps",
+    "sd_every": "every",
+    "sd_k": "k",
+}
+_MODEL_FLAGS = {"width": "width", "num_layers": "layers", "init_scale": "init-scale"}
+
+
 def wandb_sweep_yaml(configs: Sequence[TrainConfig], *, project: str = "sdopt") -> str:
     """A W&B grid-sweep definition over the values that vary across ``configs``.
 
-    Parameters that are equal in every config are fixed (``value:``); the program is
-    ``sdopt grok --wandb online`` with W&B's ``${args}`` appended (``--optimizer=adamw`` ...).
+    Parameters that are equal in every config are fixed (``value:``), the others listed
+    (``values:``); the program is ``sdopt grok --wandb online`` with W&B's ``${args}``
+    appended (``--optimizer=sgd`` ...). The MLP's ``bias`` is a ``--bias``/``--no-bias`` switch
+    in the command, so it must be the same in every config. W&B's grid is the full product of
+    the listed values, so it may hold combinations that ``configs`` do not (e.g. every LR with
+    every optimizer when both vary). Written with PyYAML.
+
+    Raises:
+        ValueError: no configs, or configs that differ in a setting the sweep cannot pass.
     """
+    import yaml
+
     if not configs:
         raise ValueError("Invalid configs: [] (need at least one configuration)")
-    flags = {
-        "optimizer": "optimizer",
-        "sd_mode": "mode",
-        "seed": "seed",
-        "p": "p",
-        "operation": "operation",
-        "train_fraction": "train-fraction",
-        "model": "model",
-        "lr": "lr",
-        "weight_decay": "weight-decay",
-        "steps": "steps",
-        "sd_every": "every",
-        "sd_k": "k",
-    }
-    lines = [
-        "# W&B sweep written by `sdopt sweep`: run with `wandb sweep wandb_sweep.yaml`, then",
-        "# `wandb agent <sweep id>` on each machine.",
-        "program: sdopt",
-        "method: grid",
-        f"project: {project}",
-        "metric:",
-        "  name: val/accuracy",
-        "  goal: maximize",
-        "parameters:",
-    ]
-    for attr, flag in flags.items():
+
+    def distinct(get: Any) -> list[Any]:
         values: list[Any] = []
         for c in configs:
-            v = getattr(c, attr)
+            v = get(c)
             if v not in values:
                 values.append(v)
-        if len(values) == 1:
-            lines.append(f"  {flag}:\n    value: {values[0]!r}".replace("'", ""))
-        else:
-            lines.append(f"  {flag}:\n    values: [{', '.join(str(v) for v in values)}]")
-    lines += [
-        "command:",
-        "  - ${env}",
-        "  - sdopt",
-        "  - grok",
-        "  - --wandb",
-        "  - online",
-        "  - --no-progress",
-        "  - ${args}",
-    ]
-    return "\n".join(lines) + "\n"
+        return values
+
+    parameters: dict[str, Any] = {}
+
+    def add(flag: str, values: list[Any]) -> None:
+        values = [v for v in values if v is not None]
+        if values:
+            parameters[flag] = {"value": values[0]} if len(values) == 1 else {"values": values}
+
+    for attr, flag in _SWEEP_FLAGS.items():
+        add(flag, distinct(lambda c, attr=attr: getattr(c, attr)))
+    for key, flag in _MODEL_FLAGS.items():
+        add(flag, distinct(lambda c, key=key: c.model_kwargs.get(key)))
+    add("exponent-map", distinct(lambda c: c.sd_options.get("exponent_map")))
+    command = ["${env}", "sdopt", "grok", "--wandb", "online", "--no-progress"]
+    biases = [b for b in distinct(lambda c: c.model_kwargs.get("bias")) if b is not None]
+    if len(biases) > 1:
+        raise ValueError(
+            "Invalid configs: model_kwargs['bias'] differs between them (--bias/--no-bias is a "
+            "switch, not a swept value; write one sweep per setting)"
+        )
+    if biases:
+        command.append("--bias" if biases[0] else "--no-bias")
+    spec = {
+        "program": "sdopt",
+        "method": "grid",
+        "project": project,
+        "metric": {"name": "val/accuracy", "goal": "maximize"},
+        "parameters": parameters,
+        "command": [*command, "${args}"],
+    }
+    header = (
+        "# W&B sweep written by `sdopt sweep`: run with `wandb sweep wandb_sweep.yaml`, then\n"
+        "# `wandb agent <sweep id>` on each machine.\n"
+    )
+    return header + yaml.safe_dump(spec, sort_keys=False, default_flow_style=False)
 
 
 def run_sweep(configs: Sequence[TrainConfig], out_dir: str | Path) -> SweepTable:

@@ -40,13 +40,58 @@ def test_medians_count_runs_that_never_grokked_as_infinitely_slow() -> None:
 
 
 def test_wandb_yaml_fixes_constants_and_lists_varying_values() -> None:
+    import yaml
+
     configs = [TrainConfig(seed=s, optimizer=o) for s in (0, 1) for o in ("adamw", "sgd")]
-    text = wandb_sweep_yaml(configs, project="proj")
-    assert "project: proj" in text
-    assert "  seed:\n    values: [0, 1]" in text
-    assert "  optimizer:\n    values: [adamw, sgd]" in text
-    assert "  p:\n    value: 97" in text
-    assert "  train-fraction:\n    value: 0.3" in text
+    spec = yaml.safe_load(wandb_sweep_yaml(configs, project="proj"))
+    assert spec["project"] == "proj" and spec["method"] == "grid"
+    assert spec["parameters"]["seed"] == {"values": [0, 1]}
+    assert spec["parameters"]["optimizer"] == {"values": ["adamw", "sgd"]}
+    assert spec["parameters"]["p"] == {"value": 97}
+    assert spec["parameters"]["train-fraction"] == {"value": 0.3}
+    assert "batch-size" not in spec["parameters"]  # None: full batch, the CLI's default
+    assert spec["command"][-1] == "${args}"
+
+
+def test_every_grid_point_of_the_wandb_sweep_rebuilds_its_config() -> None:
+    """What a W&B agent runs (the command with ``--flag=value`` arguments) parses back into
+    the very config of that grid point."""
+    import yaml
+
+    from sdopt.cli import build_parser, config_from_args
+
+    parser = build_parser()
+    base = ["grok", "--width", "16", "--layers", "2", "--bias", "--init-scale", "2"]
+    configs = [
+        config_from_args(parser.parse_args([*base, "--momentum", m]), optimizer=o, seed=seed)
+        for o in ("sgd", "adamw") for seed in (0, 1) for m in ("0.9", "0.0")
+    ]  # fmt: skip
+    spec = yaml.safe_load(wandb_sweep_yaml(configs))
+    fixed = {k: v["value"] for k, v in spec["parameters"].items() if "value" in v}
+    varying = {k: v["values"] for k, v in spec["parameters"].items() if "values" in v}
+    assert set(varying) == {"optimizer", "seed", "momentum", "exponent-map", "lr", "weight-decay"}
+    command = spec["command"][2:-1]  # without ${env} and the program name, before ${args}
+    assert "--bias" in command
+    own = {"optimizer": "optimizer", "seed": "seed", "momentum": "momentum", "lr": "lr",
+           "weight-decay": "weight_decay"}  # fmt: skip
+    for c in configs:
+        point = {flag: getattr(c, attr) for flag, attr in own.items()}
+        point["exponent-map"] = c.sd_options["exponent_map"]
+        assert all(point[k] in varying[k] for k in varying)
+        argv = [*command, *(f"--{k}={v}" for k, v in {**fixed, **point}.items())]
+        config = config_from_args(parser.parse_args(argv))
+        for field in ("optimizer", "seed", "momentum", "lr", "weight_decay", "p",
+                      "train_fraction", "steps", "sd_every", "sd_k", "model_kwargs",
+                      "sd_options", "sd_mode"):  # fmt: skip
+            assert getattr(config, field) == getattr(c, field), field
+
+
+def test_a_bias_that_varies_cannot_be_swept() -> None:
+    configs = [
+        TrainConfig(model="mlp", model_kwargs={"bias": b}, optimizer="sgd") for b in (True, False)
+    ]
+    with pytest.raises(ValueError, match=r"Invalid configs: model_kwargs\['bias'\] differs"):
+        wandb_sweep_yaml(configs)
 
 
 def test_empty_grids_are_rejected(tmp_path) -> None:
