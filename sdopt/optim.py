@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from sdopt._checks import check_choice, check_int, check_positive
 from sdopt.control import LRControllerConfig, LRControllerState, penalty_weight, update_lr_scale
+from sdopt.curvature.functional import _check_not_empty, _is_tensor_pair
 from sdopt.records import EstimateRecord
 
 __all__ = ["EXPONENT_MAPS", "MODES", "SDOptimizer"]
@@ -60,22 +61,13 @@ _ESTIMATE_KEYS = (
 )  # fmt: skip
 
 
-def _is_pair(obj: Any) -> bool:
-    """An ``(inputs, targets)`` pair (at least one of them a tensor)."""
-    return (
-        isinstance(obj, (tuple, list))
-        and len(obj) == 2
-        and (isinstance(obj[0], Tensor) or isinstance(obj[1], Tensor))
-    )
-
-
 def _is_batch(obj: Any, model_loss: bool = False) -> bool:
     """One curvature batch as :mod:`sdopt.curvature` accepts it: an ``(inputs, targets)`` pair
     or a mapping of the model's keyword arguments (``model(**batch)``); with a
     :class:`~sdopt.curvature.ModelLoss`, anything but ``None``, a string or bytes."""
     if model_loss:
         return obj is not None and not isinstance(obj, (str, bytes))
-    return _is_pair(obj) or isinstance(obj, Mapping)
+    return _is_tensor_pair(obj) or isinstance(obj, Mapping)
 
 
 _BATCH_FORMS = (
@@ -88,12 +80,11 @@ def _check_batch(batch: Any, where: str) -> None:
     """An ``(inputs, targets)`` pair of tensors must hold the same, non-zero number of rows
     (mappings and :class:`~sdopt.curvature.ModelLoss` batches are checked by the curvature
     engine when the loss is built)."""
-    if not _is_pair(batch):
+    if not _is_tensor_pair(batch):
         return
+    _check_not_empty(batch, where)
     x, y = batch
     rows = [t.shape[0] for t in (x, y) if isinstance(t, Tensor) and t.dim() > 0]
-    if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == 0:
-        raise ValueError(f"Invalid {where}: an empty batch (inputs of shape {tuple(x.shape)})")
     if len(rows) == 2 and rows[0] != rows[1]:
         raise ValueError(
             f"Invalid {where}: inputs of shape {tuple(x.shape)} and targets of shape "
@@ -155,13 +146,13 @@ class _CurvatureData:
         # one batch: a pair, a mapping; with a ModelLoss any tuple, tensor, or object that is
         # neither a list, an iterable nor a callable (as sdopt.curvature reads ModelLoss data)
         if (
-            _is_pair(data)
+            _is_tensor_pair(data)
             or isinstance(data, Mapping)
             or (model_loss and isinstance(data, (tuple, Tensor)))
             or (model_loss and not isinstance(data, Iterable) and not callable(data))
         ):
             _check_batch(data, "data")
-            self.fixed = (data[0], data[1]) if _is_pair(data) else data
+            self.fixed = (data[0], data[1]) if _is_tensor_pair(data) else data
         elif isinstance(data, list) or (isinstance(data, tuple) and not model_loss):
             if not data or not all(_is_batch(b, model_loss) for b in data):
                 raise ValueError(
@@ -369,11 +360,6 @@ def _loss_of(
             total = loss.detach() if total is None else total + loss.detach()
     assert total is not None
     return total / len(f.batches)
-
-
-def _dry_run(model: nn.Module, loss_fn: Callable[..., Any] | None, data: Any, dropout: str) -> None:
-    """The construction-time check of a fixed curvature batch (see :func:`_loss_of`)."""
-    _loss_of(model, loss_fn, data, dropout)
 
 
 def _exact_vectors(est: Any) -> Tensor:
@@ -621,7 +607,7 @@ class SDOptimizer(torch.optim.Optimizer):
 
         self.data = _CurvatureData(data, self.seed, model_loss=isinstance(loss_fn, ModelLoss))
         if self.data.kind == "fixed":
-            _dry_run(model, loss_fn, self.data.fixed, dropout)
+            _loss_of(model, loss_fn, self.data.fixed, dropout)  # a dry run: ValueError if not
 
         # torch.optim.Optimizer's own __init__ sets up its plumbing (hooks, the patched step,
         # whatever a later torch release adds). While it runs, ``param_groups``, ``state`` and

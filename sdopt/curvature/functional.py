@@ -97,6 +97,11 @@ def _is_pair(obj: Any) -> bool:
     return isinstance(obj, (tuple, list)) and len(obj) == 2
 
 
+def _is_tensor_pair(obj: Any) -> bool:
+    """An ``(inputs, targets)`` pair: two elements, at least one of them a tensor."""
+    return _is_pair(obj) and (isinstance(obj[0], Tensor) or isinstance(obj[1], Tensor))
+
+
 class ModelLoss:
     """A loss that calls the model itself: ``fn(model, batch) -> 0-d tensor``.
 
@@ -180,7 +185,7 @@ def normalize_batches(data: Any) -> list[Batch]:
     if isinstance(data, Mapping):
         _check_not_empty((data, None), "data")
         return [(data, data)]
-    if _is_pair(data) and (isinstance(data[0], Tensor) or isinstance(data[1], Tensor)):
+    if _is_tensor_pair(data):
         if not (_is_pair(data[0]) and _is_pair(data[1])):
             _check_not_empty(data, "data")
             return [(data[0], data[1])]
