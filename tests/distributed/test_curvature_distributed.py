@@ -8,14 +8,10 @@ rank, for every mode; likewise the loss and the gradient, and the GGN.
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from _gloo import free_port, process_group
 from torch import nn
 from torch.nn import functional as F
 
@@ -23,23 +19,6 @@ pytestmark = pytest.mark.distributed
 
 WORLD = 2
 MODES = ("reuse", "fwd-rev", "rev-rev", "double-backward", "finite-difference")
-
-
-def _exit_cleanly() -> None:
-    """End a worker that succeeded without running C++ static destructors: at interpreter exit
-    gloo's background threads are sometimes destroyed while joinable, and the process aborts
-    ("terminate called without an active exception", SIGABRT) after all its work is done and
-    saved — about one full test run in fifteen. ``os._exit(0)`` skips that teardown; failures
-    still propagate (only the success path gets here)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model() -> nn.Module:
@@ -58,10 +37,7 @@ def _vectors(dim: int) -> torch.Tensor:
 
 
 def _worker(rank: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, WORLD, port):
         from sdopt.curvature import GGNOperator, HessianOperator
 
         model = _model()
@@ -80,12 +56,6 @@ def _worker(rank: int, port: int, results) -> None:
         local = HessianOperator(model, F.cross_entropy, shard, distributed=False)
         out["local"] = local.matmat(_vectors(op.dim))
         results[rank] = out
-        dist.barrier()  # no rank tears gloo down while the other still communicates
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    dist.destroy_process_group()
-    _exit_cleanly()
 
 
 @pytest.mark.timeout(120)
@@ -96,7 +66,7 @@ def test_distributed_hvp_equals_single_process_on_concatenated_batch():
     with ctx.Manager() as manager:
         results = manager.dict()
         mp.start_processes(
-            _worker, args=(_free_port(), results), nprocs=WORLD, join=True, start_method="spawn"
+            _worker, args=(free_port(), results), nprocs=WORLD, join=True, start_method="spawn"
         )
         results = dict(results)
 

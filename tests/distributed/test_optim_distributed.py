@@ -7,15 +7,12 @@ whole batch), the same LR scale and, in penalty mode, the same parameters; only 
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from _gloo import free_port, process_group
 from torch import nn
 from torch.nn import functional as F
 
@@ -23,23 +20,6 @@ pytestmark = pytest.mark.distributed
 
 WORLD = 2
 STEPS = 6
-
-
-def _exit_cleanly() -> None:
-    """End a worker that succeeded without running C++ static destructors: at interpreter exit
-    gloo's background threads are sometimes destroyed while joinable, and the process aborts
-    ("terminate called without an active exception", SIGABRT) after all its work is done and
-    saved — about one full test run in fifteen. ``os._exit(0)`` skips that teardown; failures
-    still propagate (only the success path gets here)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model() -> nn.Module:
@@ -81,11 +61,7 @@ def _make_opt(model: nn.Module, mode: str, data, out: Path, rank: int):
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, WORLD, port):
         out_dir = Path(out)
         results = {}
         for mode in ("lr", "penalty"):
@@ -126,18 +102,12 @@ def _worker(rank: int, port: int, out: str) -> None:
             opt.step()
         results["adam"] = {"history": [r.to_dict() for r in opt.history]}
         torch.save(results, out_dir / f"rank{rank}.pt")
-        dist.barrier()  # no rank tears gloo down while the other still communicates
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    dist.destroy_process_group()
-    _exit_cleanly()
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -215,17 +185,10 @@ FAULT_STEPS = 6
 
 def _fault_worker(rank: int, port: int, out: str, fault: str) -> None:
     """Rank 1's curvature data (or loss) fails at the estimate of step 2 only."""
-    import datetime
     import warnings
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
     # a hang (ranks in different collectives) becomes an error instead of a stuck test
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
+    with process_group(rank, WORLD, port, timeout_s=60):
         from sdopt.optim import SDOptimizer
 
         model = _model()
@@ -272,17 +235,11 @@ def _fault_worker(rank: int, port: int, out: str, fault: str) -> None:
             },
             Path(out) / f"{fault}-rank{rank}.pt",
         )
-        dist.barrier()  # no rank tears gloo down while the other still communicates
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    dist.destroy_process_group()
-    _exit_cleanly()
 
 
 @pytest.mark.parametrize("fault", ["nan", "raise"])
 def test_a_failure_on_one_rank_skips_the_same_estimate_on_every_rank(tmp_path, fault) -> None:
-    mp.spawn(_fault_worker, args=(_free_port(), str(tmp_path), fault), nprocs=WORLD, join=True)
+    mp.spawn(_fault_worker, args=(free_port(), str(tmp_path), fault), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"{fault}-rank{r}.pt") for r in range(WORLD))
     expected = [(0, "ok"), (2, "skipped"), (4, "ok")]
     assert r0["status"] == r1["status"] == expected
