@@ -1045,6 +1045,7 @@ class SDOptimizer(torch.optim.Optimizer):
             self._skip(t, failure)
             return
         predicted = math.nan
+        lr_in_force = base_lr * self.lr_scale  # what made these parameters, before an update
         if self.mode == "lr":
             self._update_scale(t, est, base_lr)
             predicted = self.controller_state.predicted_sd
@@ -1086,6 +1087,7 @@ class SDOptimizer(torch.optim.Optimizer):
                 lr_scale=self.lr_scale,
                 predicted_sharpness_dimension=predicted,
                 edge_ratio=lr * est.lambda_max / self._edge(),
+                edge_ratio_in_force=lr_in_force * est.lambda_max / self._edge(),
                 penalty=penalty,
                 loss=est.loss,
                 num_products=est.num_products,
@@ -1117,7 +1119,11 @@ class SDOptimizer(torch.optim.Optimizer):
                 return est.predict(s * base_lr)[0]
 
         self.lr_scale, self.controller_state = update_lr_scale(
-            predict, self.controller_state, self.controller, edge_scale=edge_scale
+            predict,
+            self.controller_state,
+            self.controller,
+            edge_scale=edge_scale,
+            sharpness=lam,
         )
         self.lr_scale = self._broadcast_scale(self.lr_scale)
         if not self.controller_state.feasible and not self._warned_infeasible:

@@ -60,6 +60,11 @@ class EstimateRecord:
             stability (:func:`sdopt.dimension.edge_of_stability`: 2 for ``"gd"``); above 1 the
             step is beyond the edge of stability. (For ``exponent_map="adam"``, ``lambda_max``
             and ``eigenvalues`` are those of the preconditioned ``P^{-1/2} H P^{-1/2}``.)
+        edge_ratio_in_force: The same ratio at the learning rate in force *before* this
+            estimate (``mode="lr"``: the scale the controller had set at the previous estimate,
+            under which training reached these parameters); ``edge_ratio`` is at the new
+            scale. Equal to ``edge_ratio`` in the other modes. How far the run went past the
+            edge between two estimates shows here, not in ``edge_ratio``.
         penalty: Value of ``strength x`` smooth SD surrogate (``mode="penalty"``), else ``nan``.
         loss: Training loss on the curvature batch at the estimate.
         num_products: Hessian-vector products (and equivalent gradient evaluations) used.
@@ -93,6 +98,7 @@ class EstimateRecord:
     lr_scale: float = 1.0
     predicted_sharpness_dimension: float = math.nan
     edge_ratio: float = math.nan
+    edge_ratio_in_force: float = math.nan
     penalty: float = math.nan
     loss: float = math.nan
     num_products: int = 0

@@ -138,8 +138,34 @@ def test_sd_target_that_no_scale_meets_keeps_the_edge_scale() -> None:
 
 
 def test_state_round_trips() -> None:
-    state = LRControllerState(scale=0.3, log_ema=-1.2, admissible=0.4, predicted_sd=1.5, updates=7)
+    state = LRControllerState(
+        scale=0.3, log_ema=-1.2, admissible=0.4, predicted_sd=1.5, updates=7, sharpness=2.5
+    )
     assert LRControllerState.from_dict(state.to_dict()) == state
+    old = state.to_dict()
+    del old["sharpness"]  # a checkpoint written before the field existed
+    assert math.isnan(LRControllerState.from_dict(old).sharpness)
+
+
+def test_anticipate_holds_first_then_extrapolates_growth_and_keeps_the_larger_sharpness() -> None:
+    config = LRControllerConfig(hysteresis=0.0, max_growth=2.0)
+    assert config.anticipate and config.smoothing == 0.0  # the defaults
+    # first update: no growth measured: the edge scale is halved and never raised
+    scale, state = update_lr_scale(None, LRControllerState(), config, edge_scale=8.0, sharpness=1.0)
+    assert scale == 1.0 and state.sharpness == 1.0
+    scale, state = update_lr_scale(None, LRControllerState(), config, edge_scale=0.8, sharpness=1.0)
+    assert scale == pytest.approx(0.4)
+    # sharpness grew 1.0 -> 1.5: assumed to grow 1.5x again: edge scale 3.0 becomes 2.0
+    s = LRControllerState(scale=1.0, updates=1, sharpness=1.0)
+    scale, state = update_lr_scale(None, s, config, edge_scale=3.0, sharpness=1.5)
+    assert scale == pytest.approx(2.0)
+    # oscillating 1.5 -> 1.0: the larger of the two sets the scale (edge scale 3 * 1.0 / 1.5)
+    scale, state = update_lr_scale(None, state, config, edge_scale=3.0, sharpness=1.0)
+    assert scale == pytest.approx(2.0)
+    # the reactive rule (anticipate=False) takes the edge scale as given
+    reactive = LRControllerConfig(hysteresis=0.0, max_growth=10.0, anticipate=False)
+    scale, _ = update_lr_scale(None, s, reactive, edge_scale=3.0, sharpness=1.5)
+    assert scale == pytest.approx(3.0)
 
 
 def test_penalty_weight_warmup() -> None:
@@ -161,6 +187,7 @@ def test_penalty_weight_warmup() -> None:
         ({"max_growth": 0.5}, "Invalid max_growth: 0.5"),
         ({"grid": 1}, "Invalid grid: 1"),
         ({"rtol": 0.0}, "Invalid rtol: 0.0"),
+        ({"anticipate": 1}, "Invalid anticipate: 1"),
     ],
 )
 def test_config_rejects(kwargs: dict, match: str) -> None:
