@@ -177,7 +177,7 @@ def test_lr_controller_steers_the_layerwise_map_to_its_edge(truth) -> None:
     model, batch = _problem()
     opt = SDOptimizer(
         _groups(model, LRS), model=model, loss_fn=F.mse_loss, data=batch, every=1,
-        estimator="exact", mode="lr", controller={"smoothing": 0.0},
+        estimator="exact", mode="lr", controller={"anticipate": False},
     )  # fmt: skip
     _step(opt, model, batch)
     rec = opt.last_estimate
