@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import signal
@@ -299,6 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument(
         "--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: %(default)s)"
+    )
+    sweep.add_argument(
+        "--lrs",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="LR",
+        help=(
+            "base learning rates of the grid (default: --lr, or each optimizer's own default); "
+            "with --modes none lr this is the steering comparison: fixed LRs against the "
+            "edge-riding controller started from each"
+        ),
     )
     from sdopt.studies.cli import add_study_parser  # `sdopt study correlation|grokking`
 
@@ -648,20 +661,27 @@ def _run_sweep(args: argparse.Namespace) -> int:
         seeds = [0, 1, 2]
     else:
         optimizers, modes, seeds = args.optimizers, args.modes, args.seeds
+    lrs = getattr(args, "lrs", None)
+    for lr in lrs or []:
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"Invalid --lrs: {lr!r} (each learning rate must be > 0)")
     configs = []
     for optimizer in optimizers:
-        for mode in modes:
-            for seed in seeds:
-                name = f"{optimizer}_{mode}_seed{seed}"
-                configs.append(
-                    config_from_args(
-                        args,
-                        optimizer=optimizer,
-                        mode=mode,
-                        seed=seed,
-                        out=str(Path(args.out) / name),
+        for lr in lrs or [None]:
+            run_args = args if lr is None else argparse.Namespace(**{**vars(args), "lr": lr})
+            for mode in modes:
+                for seed in seeds:
+                    tag = "" if lr is None else f"_lr{lr:g}"
+                    name = f"{optimizer}{tag}_{mode}_seed{seed}"
+                    configs.append(
+                        config_from_args(
+                            run_args,
+                            optimizer=optimizer,
+                            mode=mode,
+                            seed=seed,
+                            out=str(Path(args.out) / name),
+                        )
                     )
-                )
     out = Path(args.out)
     for path in [out, *(Path(c.out_dir) for c in configs)]:
         _writable_dir(path)

@@ -22,6 +22,7 @@ __all__ = ["SWEEP_COLUMNS", "SweepTable", "run_sweep", "summarize_runs", "wandb_
 
 SWEEP_COLUMNS = (
     "optimizer",
+    "lr",
     "mode",
     "seed",
     "steps_to_95_val_accuracy",
@@ -53,7 +54,7 @@ def _fmt(value: Any) -> str:
 
 
 def summarize_runs(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown: every run, then the median over seeds of each (optimizer, mode) pair.
+    """Markdown: every run, then the median over seeds of each (optimizer, lr, mode).
 
     The median of steps to 95 % treats a run that never got there as infinitely slow (shown
     as "—" when the median itself is such a run); the count of runs that grokked is given.
@@ -61,18 +62,18 @@ def summarize_runs(rows: Sequence[dict[str, Any]]) -> str:
     head = "| " + " | ".join(SWEEP_COLUMNS[:-1]) + " |"
     lines = ["### Runs", "", head, "|" + "---|" * (len(SWEEP_COLUMNS) - 1)]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(row[c]) for c in SWEEP_COLUMNS[:-1]) + " |")
+        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in SWEEP_COLUMNS[:-1]) + " |")
     lines += [
         "",
         "### Median over seeds",
         "",
-        "| optimizer | mode | grokked | median steps to 95 % val | median seconds to 95 % val | median final val accuracy |",
-        "|---|---|---|---|---|---|",
+        "| optimizer | lr | mode | grokked | median steps to 95 % val | median seconds to 95 % val | median final val accuracy |",
+        "|---|---|---|---|---|---|---|",
     ]
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, Any, str], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["optimizer"], row["mode"]), []).append(row)
-    for (optimizer, mode), runs in groups.items():
+        groups.setdefault((row["optimizer"], row.get("lr"), row["mode"]), []).append(row)
+    for (optimizer, lr, mode), runs in groups.items():
         inf = float("inf")
         steps = statistics.median(
             inf if r["steps_to_95_val_accuracy"] is None else r["steps_to_95_val_accuracy"]
@@ -85,7 +86,7 @@ def summarize_runs(rows: Sequence[dict[str, Any]]) -> str:
         final = statistics.median(r["final_val_accuracy"] for r in runs)
         grokked = sum(r["steps_to_95_val_accuracy"] is not None for r in runs)
         lines.append(
-            f"| {optimizer} | {mode} | {grokked}/{len(runs)} | {_fmt(None if steps == inf else steps)} "
+            f"| {optimizer} | {_fmt(lr)} | {mode} | {grokked}/{len(runs)} | {_fmt(None if steps == inf else steps)} "
             f"| {_fmt(None if secs == inf else secs)} | {final:.4f} |"
         )
     return "\n".join(lines) + "\n"
@@ -196,9 +197,10 @@ def run_sweep(configs: Sequence[TrainConfig], out_dir: str | Path) -> SweepTable
         rows.append(
             {
                 "optimizer": config.optimizer,
+                "lr": config.lr,
                 "mode": config.sd_mode,
                 "seed": config.seed,
-                **{c: summary.get(c) for c in SWEEP_COLUMNS[3:-1]},
+                **{c: summary.get(c) for c in SWEEP_COLUMNS[4:-1]},
                 "out_dir": config.out_dir,
             }
         )

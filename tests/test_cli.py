@@ -402,7 +402,7 @@ def test_sweep_writes_one_table_and_a_wandb_yaml(tmp_path: Path) -> None:
             "final_val_accuracy"
         ] == float(r["final_val_accuracy"])
     md = (out / "sweep.md").read_text()
-    assert "Median over seeds" in md and "| grokfast-adamw | none | " in md
+    assert "Median over seeds" in md and "| grokfast-adamw | 0.003 | none | " in md
     yaml_text = (out / "wandb_sweep.yaml").read_text()
     import yaml
 
@@ -412,6 +412,40 @@ def test_sweep_writes_one_table_and_a_wandb_yaml(tmp_path: Path) -> None:
     assert spec["parameters"]["optimizer"] == {"values": ["adamw", "grokfast-adamw"]}
     assert spec["parameters"]["seed"] == {"values": [0, 1]}
     assert spec["method"] == "grid" and spec["parameters"]["p"] == {"value": 7}
+
+
+def test_sweep_over_learning_rates_compares_fixed_lrs_with_the_controller(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    argv = ["sweep", *TINY, "--out", str(out), "--optimizers", "sgd", "--lrs", "0.5", "2",
+            "--modes", "none", "lr", "--seeds", "0", "--every", "2", "--no-plot"]  # fmt: skip
+    assert main(argv) == 0
+    with (out / "sweep.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["lr"], r["mode"]) for r in rows] == [
+        ("0.5", "none"), ("0.5", "lr"), ("2.0", "none"), ("2.0", "lr"),
+    ]  # fmt: skip
+    for r in rows:
+        summary = json.loads((Path(r["out_dir"]) / "summary.json").read_text())
+        assert (
+            summary["config"]["lr"] == float(r["lr"])
+            and summary["config"]["sd_mode"] == (r["mode"])
+        )
+        assert ("_lr0.5_" in r["out_dir"]) == (r["lr"] == "0.5")
+    assert float(rows[0]["final_lr_scale"]) == 1.0  # a fixed LR
+    md = (out / "sweep.md").read_text()
+    assert "| sgd | 0.5 | none | " in md and "| sgd | 2 | lr | " in md
+    import yaml
+
+    spec = yaml.safe_load((out / "wandb_sweep.yaml").read_text())
+    assert spec["parameters"]["lr"] == {"values": [0.5, 2.0]}
+    assert spec["parameters"]["mode"] == {"values": ["none", "lr"]}
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_sweep_refuses_a_nonpositive_learning_rate(tmp_path: Path, capsys, value: str) -> None:
+    argv = ["sweep", *TINY, "--out", str(tmp_path / "s"), "--lrs", "1", value, "--no-plot"]
+    assert main(argv) == 2
+    assert "--lrs" in capsys.readouterr().err
 
 
 def test_console_script_is_installed() -> None:

@@ -35,8 +35,8 @@ def test_medians_count_runs_that_never_grokked_as_infinitely_slow() -> None:
         _row("sgd", "lr", 2, 50, 0.97),
     ]
     md = summarize_runs(rows)
-    assert "| adamw | none | 2/3 | 300 | 3 | 0.9800 |" in md
-    assert "| sgd | lr | 1/3 | — | — | 0.2000 |" in md
+    assert "| adamw | — | none | 2/3 | 300 | 3 | 0.9800 |" in md  # rows without an lr
+    assert "| sgd | — | lr | 1/3 | — | — | 0.2000 |" in md
 
 
 def test_wandb_yaml_fixes_constants_and_lists_varying_values() -> None:
