@@ -293,7 +293,11 @@ class Method:
     only: str | None = None  # applies only to tasks whose base optimizer is this
     grid: str | None = None  # "fixed", "sdopt-lr" or "wd": a grid the summary picks from
 
+    minibatch: bool = False  # needs a minibatch task
+
     def applies(self, task: Task) -> bool:
+        if self.minibatch and task.batch_size is None:
+            return False
         return self.only is None or self.only == task.optimizer
 
     def sdopt_options(self, overrides: dict[str, Any]) -> dict[str, Any] | None:
@@ -302,8 +306,9 @@ class Method:
             return None
         mode = self.options["mode"]
         options = {**(SDOPT_LR if mode == "lr" else SDOPT_PENALTY), **overrides}
-        if "penalty_strength" in self.options:
-            options["penalty_strength"] = self.options["penalty_strength"]
+        for key, value in self.options.items():  # a design's own settings
+            if key not in ("mode", "curvature"):
+                options[key] = value
         for key in ("mode", "seed", "model", "loss_fn", "data"):
             if key in options:
                 raise ValueError(f"Invalid --sdopt-option: {key!r} is set by the benchmark")
@@ -329,9 +334,16 @@ class Method:
             return Setup(task.base(params, lr, self.options.get("weight_decay")))
         if self.kind == "sdopt":
             options = {"exponent_map": task.exponent_map, **self.sdopt_options(overrides)}
+            curvature: Any = data.curvature
+            if self.options.get("curvature") == "minibatch":  # a fresh training-size minibatch
+                loader_gen = torch.Generator().manual_seed(seed + 2)  # per estimate
+                curvature = torch.utils.data.DataLoader(
+                    torch.utils.data.TensorDataset(*data.train), batch_size=task.batch_size,
+                    shuffle=True, generator=loader_gen,
+                )  # fmt: skip
             opt = sdopt.SDOptimizer(
                 task.base(params, lr), model=model, loss_fn=F.cross_entropy,
-                data=data.curvature, mode=self.options["mode"], seed=seed, **options,
+                data=curvature, mode=self.options["mode"], seed=seed, **options,
             )  # fmt: skip
             return Setup(opt, sdopt=opt)
         if self.kind == "prodigy":
@@ -386,6 +398,18 @@ def _methods() -> dict[str, Method]:
         Method(f"sdopt-lr-x{_factor_name(f)}", "sdopt", f, {"mode": "lr"}, grid="sdopt-lr")
         for f in SDOPT_LR_GRID
     ]
+    # controller designs (docs/results/steering.md), each from the default LR: the reactive
+    # rule of the first releases; a target beyond the edge (2x: where the tuned fixed LR of
+    # grok-sgd trains before it memorises); curvature on training-size minibatches (the
+    # minibatch Hessian's lambda_max bounds SGD's batch sharpness from above)
+    out += [
+        Method("sdopt-lr-reactive-x1", "sdopt", 1.0,
+               {"mode": "lr", "controller": {"anticipate": False, "smoothing": 0.5}}),
+        Method("sdopt-lr-edge2-x1", "sdopt", 1.0,
+               {"mode": "lr", "controller": {"target_edge_ratio": 2.0}}),
+        Method("sdopt-lr-minibatch-x1", "sdopt", 1.0, {"mode": "lr", "curvature": "minibatch"},
+               minibatch=True),
+    ]  # fmt: skip
     out += [
         Method("sdopt-penalty", "sdopt", options={"mode": "penalty"}),
         Method(
@@ -416,12 +440,19 @@ def _in_quick_grid(method: Method) -> bool:
     return any(math.isclose(method.lr_factor, f) for f in QUICK_GRID)
 
 
+SDOPT_RUN_SOURCES = ("__init__.py", "_checks.py", "optim.py", "control.py", "records.py")
+SDOPT_RUN_PACKAGES = ("curvature", "dimension", "spectrum")
+
+
 @functools.lru_cache(maxsize=1)
 def _sdopt_source_hash() -> str:
     """A fingerprint of sdopt's source: cached sdopt runs are redone when sdopt changes."""
     root = Path(sdopt.__file__).resolve().parent
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    # what an SDOptimizer run executes; the CLI, sweeps, plots and loggers do not change a run
+    parts = [*SDOPT_RUN_SOURCES, *(f"{d}/**/*.py" for d in SDOPT_RUN_PACKAGES)]
+    files = sorted({path for part in parts for path in root.glob(part)})
+    for path in files:
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:12]
@@ -552,7 +583,10 @@ def run(task: Task, method: Method, seed: int, overrides: dict[str, Any]) -> dic
         setup = method.build(task, model, data, seed, overrides)
     grads_per_step = 2 if setup.sam else 1
     batch = len(data.train[1]) if task.batch_size is None else task.batch_size
-    scale = len(data.curvature[1]) / batch  # curvature-batch gradients in training gradients
+    curvature_size = (
+        batch if method.options.get("curvature") == "minibatch" else len(data.curvature[1])
+    )
+    scale = curvature_size / batch  # curvature-batch gradients in training gradients
     counter = {"calls": 0, "gradients": 0}
     out: dict[str, Any] = {}
     caught: list[str] = []
@@ -986,6 +1020,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--fresh", action="store_true", help="ignore (but append to) the cache")
+    parser.add_argument(
+        "--cached-only", action="store_true",
+        help="run nothing: summarise the runs of the plan already in the cache (methods may then "
+        "have different seeds; the table gives n per method)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="write all runs and the summary")
     parser.add_argument(
         "--quick", action="store_true", help="seeds 0 1 and LR grid points 1/3, 1, 3 only"
@@ -1031,6 +1070,8 @@ def main(argv: list[str] | None = None) -> None:
     for i, (task, method, seed, key) in enumerate(plan, 1):
         row = cache.get((task.name, seed, key))
         cached = row is not None
+        if row is None and args.cached_only:
+            continue
         if row is None:
             result = run(task, method, seed, overrides)
             row = {
