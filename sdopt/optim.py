@@ -61,6 +61,9 @@ _ESTIMATE_KEYS = (
 )  # fmt: skip
 
 
+PENALTY_TARGETS = ("sd", "edge", "negative")
+
+
 def _is_batch(obj: Any, model_loss: bool = False) -> bool:
     """One curvature batch as :mod:`sdopt.curvature` accepts it: an ``(inputs, targets)`` pair
     or a mapping of the model's keyword arguments (``model(**batch)``); with a
@@ -447,6 +450,14 @@ class SDOptimizer(torch.optim.Optimizer):
             and reuse it in between (``>= 1``; default 8: a recomputation costs 3–5
             gradients).
         penalty_warmup: ``mode="penalty"``: linear ramp of the strength over this many steps.
+        penalty_target: ``mode="penalty"``: what the penalty descends on. ``"sd"`` (default):
+            the smooth SD surrogate (every exact eigenvalue, weighted by ``∂S/∂α_i``);
+            ``"edge"``: the sum of the top eigenvalues at or beyond 0.9 of the map's edge
+            (``η·λ_i ≥ 0.9·edge``: the expanding directions a learning rate could stabilise,
+            and those about to be); ``"negative"``: minus the sum of the bottom eigenvalues
+            below −1 % of the spectral radius (negative curvature, expanding at every
+            learning rate). The two variants are measured against the default in
+            docs/results/steering.md.
         loggers: Objects with ``log(record)`` (and optionally ``close()``), e.g.
             :class:`sdopt.loggers.WandbLogger`.
         seed: Seed of the optimizer's own ``torch.Generator`` (same on every rank).
@@ -483,6 +494,7 @@ class SDOptimizer(torch.optim.Optimizer):
         penalty_temperature: float | None = None,
         penalty_every: int = 8,
         penalty_warmup: int = 0,
+        penalty_target: str = "sd",
         loggers: Sequence[Any] | Any = (),
         seed: int = 0,
         tol: float | None = None,
@@ -542,6 +554,11 @@ class SDOptimizer(torch.optim.Optimizer):
             else check_positive("penalty_temperature", penalty_temperature)
         )
         self.penalty_every = check_int("penalty_every", penalty_every, minimum=1)
+        if penalty_target not in PENALTY_TARGETS:
+            raise ValueError(
+                f"Invalid penalty_target: {penalty_target!r} (must be one of {PENALTY_TARGETS})"
+            )
+        self.penalty_target = penalty_target
         self.penalty_warmup = check_int("penalty_warmup", penalty_warmup, minimum=0)
         self.tol = check_positive("tol", DEFAULTS["tol"] if tol is None else tol)
         self.dropout = check_choice("dropout", dropout, ("off", "fixed"))
@@ -1137,7 +1154,25 @@ class SDOptimizer(torch.optim.Optimizer):
                 stacklevel=4,
             )
 
+    def _target_weights(self, lr: float) -> Tensor:
+        """``∂P/∂α_i`` of the ``"edge"`` and ``"negative"`` penalties (see ``penalty_target``)."""
+        values = self._eigenvalues
+        weights = torch.zeros_like(values, dtype=torch.float64)
+        n_top = self._eigenvectors.shape[1]
+        if self.penalty_target == "edge":
+            beyond = lr * values[:n_top] >= 0.9 * self._edge()
+            weights[:n_top] = beyond.to(torch.float64)
+        else:
+            from sdopt.dimension.estimators import NEGATIVE_RESOLUTION
+
+            radius = float(values.abs().max()) if values.numel() else 0.0
+            negative = values[n_top:] < -NEGATIVE_RESOLUTION * radius
+            weights[n_top:] = -negative.to(torch.float64)
+        return weights
+
     def _surrogate_value(self, lr: float) -> float:
+        if self.penalty_target != "sd":
+            return float((self._target_weights(lr) * self._eigenvalues).sum())
         from sdopt.dimension import smooth_sharpness_dimension
 
         try:
@@ -1329,14 +1364,24 @@ class SDOptimizer(torch.optim.Optimizer):
             try:
                 with self._isolated():
                     try:
-                        _, weights = surrogate_weights(
-                            self._eigenvalues,
-                            lr,
-                            temperature=self.penalty_temperature,
-                            **self._bulk_kwargs(),
-                        )
+                        if self.penalty_target == "sd":
+                            _, weights = surrogate_weights(
+                                self._eigenvalues,
+                                lr,
+                                temperature=self.penalty_temperature,
+                                **self._bulk_kwargs(),
+                            )
+                        else:
+                            weights = self._target_weights(lr)
                     except RuntimeError:  # surrogate saturated at d: no graph, zero gradient
                         weights = torch.zeros_like(self._eigenvalues, dtype=torch.float64)
+                    if not bool(weights.any()):  # nothing to descend on: no gradients spent
+                        self._penalty_grad = torch.zeros(
+                            sum(p.numel() for p in self._trainable_params()),
+                            dtype=self._eigenvectors.dtype,
+                            device=self._device,
+                        )
+                        return
                     grad = penalty_gradient(
                         self.model,
                         self.loss_fn,
