@@ -44,8 +44,18 @@ Methods (``METHODS``; each builds its optimizer for a task and a seed):
   a fixed batch of the first 1,000 training signals (``mnist1d``), ``exponent_map`` that of the
   base (``"momentum"`` for SGD with momentum, ``"adam"`` for AdamW), the run's seed, and
   ``**SDOPT_LR``.
+- Controller designs, each from the default LR: ``sdopt-lr-reactive-x1`` (the first
+  releases' reactive rule: ``controller={"anticipate": False, "smoothing": 0.5}``),
+  ``sdopt-lr-edge2-x1`` (a target beyond the edge: ``target_edge_ratio=2``, where the tuned
+  fixed LR of ``grok-sgd`` trains while it memorises) and, on minibatch tasks,
+  ``sdopt-lr-minibatch-x1`` (curvature on a fresh training-size minibatch per estimate, from a
+  shuffling ``DataLoader``: the minibatch Hessian's λ_max bounds SGD's batch sharpness from
+  above, where the full-batch λ_max does not).
 - ``sdopt-penalty`` (``**SDOPT_PENALTY``, strength 1e-3 unless the dict sets one) and
-  ``sdopt-penalty-1e-2`` (strength 1e-2): ``mode="penalty"``, built the same way.
+  ``sdopt-penalty-1e-2`` (strength 1e-2): ``mode="penalty"``, built the same way; penalty
+  designs ``sdopt-penalty-edge`` (``penalty_target="edge"``: only the top eigenvalues at or
+  beyond 0.9 of the edge) and ``sdopt-penalty-negative`` (``penalty_target="negative"``: only
+  negative curvature), both at strength 1e-2.
 - ``prodigy``: ``prodigyopt.Prodigy(lr=1.0, weight_decay=<task's>)``, its defaults otherwise
   (decoupled weight decay, betas (0.9, 0.999); it prints "Using decoupled weight decay" when
   built: captured into the run's record).
@@ -105,6 +115,7 @@ the six ``sdopt-*`` methods are nearly all of the cost: the full benchmark (5 se
     python benchmarks/steering.py --quick                    # seeds 0 1, LR grid 1/3, 1, 3
     python benchmarks/steering.py --tasks grok-sgd --seeds 0 --methods base fixed-x3 sam
     python benchmarks/steering.py --sdopt-option every=25 --sdopt-option k=5 --json out.json
+    python benchmarks/steering.py --tasks grok-sgd --cached-only   # tables from the cache only
 """
 
 from __future__ import annotations
