@@ -458,6 +458,11 @@ class SDOptimizer(torch.optim.Optimizer):
             below −1 % of the spectral radius (negative curvature, expanding at every
             learning rate). The two variants are measured against the default in
             docs/results/steering.md.
+        penalty_max_ratio: ``mode="penalty"``: the penalty's share of a step is at most this
+            many times the loss gradient's norm (``‖w_t ∇S‖ ≤ r ‖∇L‖``: the penalty gradient is
+            scaled down when larger; ``> 0``, default 1), or ``None``: no cap. Without the cap
+            the default strength diverged on the ``sdopt grok`` job, where SD is thousands and
+            ``∂S/∂α`` large (docs/results/steering.md).
         loggers: Objects with ``log(record)`` (and optionally ``close()``), e.g.
             :class:`sdopt.loggers.WandbLogger`.
         seed: Seed of the optimizer's own ``torch.Generator`` (same on every rank).
@@ -495,6 +500,7 @@ class SDOptimizer(torch.optim.Optimizer):
         penalty_every: int = 8,
         penalty_warmup: int = 0,
         penalty_target: str = "sd",
+        penalty_max_ratio: float | None = 1.0,
         loggers: Sequence[Any] | Any = (),
         seed: int = 0,
         tol: float | None = None,
@@ -559,6 +565,11 @@ class SDOptimizer(torch.optim.Optimizer):
                 f"Invalid penalty_target: {penalty_target!r} (must be one of {PENALTY_TARGETS})"
             )
         self.penalty_target = penalty_target
+        self.penalty_max_ratio = (
+            None
+            if penalty_max_ratio is None
+            else check_positive("penalty_max_ratio", penalty_max_ratio)
+        )
         self.penalty_warmup = check_int("penalty_warmup", penalty_warmup, minimum=0)
         self.tol = check_positive("tol", DEFAULTS["tol"] if tol is None else tol)
         self.dropout = check_choice("dropout", dropout, ("off", "fixed"))
@@ -1411,6 +1422,14 @@ class SDOptimizer(torch.optim.Optimizer):
                 return
             self._penalty_grad = grad
         in_optimizer = {id(p) for group in self.param_groups for p in group["params"]}
+        if self.penalty_max_ratio is not None:  # the penalty never outweighs the loss
+            grads = [p.grad for p in self._trainable_params() if id(p) in in_optimizer]
+            loss_norm = math.sqrt(
+                sum(float(g.double().square().sum()) for g in grads if g is not None)
+            )
+            penalty_norm = weight * float(self._penalty_grad.double().norm())
+            if penalty_norm > self.penalty_max_ratio * loss_norm:
+                weight *= self.penalty_max_ratio * loss_norm / penalty_norm
         offset = 0
         for p in self._trainable_params():
             n = p.numel()

@@ -106,3 +106,38 @@ def test_invalid_penalty_target_is_named() -> None:
             torch.optim.SGD(model.parameters(), lr=0.1), model=model, loss_fn=F.cross_entropy,
             data=batch, mode="penalty", penalty_target="flat",
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.25, None])
+def test_the_penalty_never_outweighs_the_loss_gradient(ratio: float | None) -> None:
+    model, batch = _problem()
+    eig = torch.linalg.eigvalsh(_hessian(model, batch))
+    lr = 2.0 / float(eig[-1])
+    opt = SDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=lr), model=model, loss_fn=F.cross_entropy,
+        data=batch, mode="penalty", every=1, k=1, estimator="exact", penalty_target="edge",
+        penalty_every=1, penalty_strength=100.0, penalty_max_ratio=ratio,
+    )  # fmt: skip
+    theta = parameters_to_vector(model.parameters()).detach().clone()
+    opt.zero_grad()
+    F.cross_entropy(model(batch[0]), batch[1]).backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
+    opt.step()
+    step = (theta - parameters_to_vector(model.parameters()).detach()) / lr
+    added = step - grad
+    pen = 100.0 * opt._penalty_grad
+    if ratio is None:  # uncapped: the full strength, here 100 x the penalty gradient
+        assert torch.allclose(added, pen, rtol=1e-10, atol=1e-12)
+        assert added.norm() > 10 * grad.norm()
+    else:  # capped at ratio x the loss gradient's norm, same direction
+        assert float(added.norm()) == pytest.approx(ratio * float(grad.norm()), rel=1e-9)
+        assert torch.allclose(added / added.norm(), pen / pen.norm(), atol=1e-10)
+
+
+def test_invalid_penalty_max_ratio_is_named() -> None:
+    model, batch = _problem()
+    with pytest.raises(ValueError, match="Invalid penalty_max_ratio: 0"):
+        SDOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), model=model, loss_fn=F.cross_entropy,
+            data=batch, mode="penalty", penalty_max_ratio=0,
+        )  # fmt: skip
