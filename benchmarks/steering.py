@@ -86,9 +86,8 @@ random-sign direction, 3-5 in all; counted exactly by wrapping that function dur
 Products and penalty gradients on the curvature batch are scaled by its size over the training
 batch's (``mnist1d``: 1,000 / 100 = 10). ``SDOptimizer`` runs also record the largest
 ``edge_ratio``, the edge ratio in force at each estimate (the LR used in the interval before it
-x lambda_max / edge: ``history[i-1].lr * history[i].lambda_max / edge``; before the first
-estimate the scale is 1), its maximum and the fraction of estimates with it in [0.7, 1.0], and
-the smallest and largest ``lr_scale``.
+x lambda_max / edge: the records' ``edge_ratio_in_force``), its maximum and the fraction of
+estimates with it in [0.7, 1.0], and the smallest and largest ``lr_scale``.
 
 Statistics. Per method: the per-seed metric, median, interquartile range (q25-q75, linear
 interpolation), and the ratio of its median to the tuned baseline's median with a 95 %
@@ -561,13 +560,8 @@ def _sdopt_stats(setup: Setup, counter: dict[str, int], scale: float) -> dict[st
     opt = setup.sdopt
     records = list(opt.history)
     ok = [r for r in records if r.ok]
-    in_force = []
-    for i, r in enumerate(ok):
-        prev_lr = ok[i - 1].lr if i else r.base_lr  # the scale is 1 before the first estimate
-        if r.lr > 0 and r.lambda_max > 0 and r.edge_ratio > 0:
-            edge = r.lr * r.lambda_max / r.edge_ratio
-            in_force.append(prev_lr * r.lambda_max / edge)
-    finite = [v for v in in_force if math.isfinite(v)]
+    # the record's own ratio at the learning rate that produced the measured parameters
+    finite = [r.edge_ratio_in_force for r in ok if math.isfinite(r.edge_ratio_in_force)]
     edge_ratios = [r.edge_ratio for r in ok if math.isfinite(r.edge_ratio)]
     scales = [r.lr_scale for r in ok]
     products = sum(r.num_products for r in records)

@@ -17,10 +17,12 @@ and a rule that tried would shrink the step to nothing. One update of the rule i
    edge of stability (2 for GD). With ``λ̂_max ≤ 0`` nothing is beyond any edge:
    ``s_edge = ∞``. With ``anticipate`` (default) a sharpness that grew since the previous
    update, by ``g = λ̂_t / λ̂_{t-1} > 1``, is assumed to grow by as much again before the next
-   one: ``s_edge`` is divided by ``g``; the first update (no growth measured yet) divides it
-   by ``max_growth`` and may lower the scale but not raise it. Progressive sharpening otherwise carries ``η·λ_max``
-   past the edge between two estimates (measured on the grokking MLP: 1.48 times the edge
-   with the reactive rule, up to 1.98 from a raised first step; docs/results/steering.md).
+   one: ``s_edge`` is divided by ``g``; one that fell is taken at the larger of the last two
+   (at the edge λ_max oscillates between estimates); the first update (no growth measured
+   yet) divides it by ``max_growth`` and may lower the scale but not raise it. Progressive
+   sharpening otherwise carries ``η·λ_max`` past the edge between two estimates (measured on
+   the grokking MLP: 1.48 times the edge with the reactive rule, up to 1.98 from a raised
+   first step; docs/results/steering.md).
 2. **Optional SD target.** With ``target_sd`` set, ``s_sd = sup{ s ∈ [s_min, s_max] :
    predict(s') ≤ target for all s_min ≤ s' ≤ s }`` (geometric scan of ``grid`` points, then
    bisection in log-scale to relative tolerance ``rtol``), where ``predict(s) = SD(s·η)`` comes
