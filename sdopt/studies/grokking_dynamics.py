@@ -71,7 +71,8 @@ class GrokkingDynamicsConfig:
             eigenpairs and their Lanczos tolerance).
         exact_every: exact SD (dense Hessian) at every ``exact_every``-th checkpoint (0: never);
             skipped when the model has more than ``exact_max_dim`` parameters.
-        seed: seeds the split and the initialisation; ``measure_seed`` the estimators.
+        seeds: one training run per seed, each cached on its own (the seed sets both the
+            train/test split and the initialisation); ``measure_seed`` seeds the estimators.
     """
 
     p: int = 97
@@ -92,7 +93,7 @@ class GrokkingDynamicsConfig:
     topk_tol: float = 1e-2
     exact_every: int = 0
     exact_max_dim: int = 4_500
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
     measure_seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -114,12 +115,17 @@ class GrokkingDynamicsConfig:
         check_positive("topk_tol", self.topk_tol)
         check_int("exact_every", self.exact_every, minimum=0)
         check_int("exact_max_dim", self.exact_max_dim, minimum=1)
-        check_int("seed", self.seed)
+        if not self.seeds:
+            raise ValueError(f"Invalid seeds: {self.seeds} (need at least one seed)")
+        for seed in self.seeds:
+            check_int("seed", seed)
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"Invalid seeds: {self.seeds} (repeated seed)")
         check_int("measure_seed", self.measure_seed)
 
     @classmethod
     def quick(cls, **overrides: Any) -> GrokkingDynamicsConfig:
-        """Same task (``p = 97``) and run, 20 checkpoints instead of 100.
+        """Same task (``p = 97``) and run, one seed (0) and 20 checkpoints instead of 100.
 
         Smaller moduli do not grok with this MLP at 40 % training data within a few thousand
         epochs (at ``p = 31, 47, 59`` it memorises and test accuracy stays below 2 %), so the
@@ -127,6 +133,7 @@ class GrokkingDynamicsConfig:
         """
         settings: dict[str, Any] = {
             "checkpoints": 20,
+            "seeds": (0,),
         }
         settings.update(overrides)
         return cls(**settings)
@@ -136,11 +143,11 @@ class GrokkingDynamicsConfig:
 # training and measurement
 
 
-def _build_model(config: GrokkingDynamicsConfig) -> nn.Module:
+def _build_model(config: GrokkingDynamicsConfig, seed: int) -> nn.Module:
     from sdopt.tasks.grokking import GrokkingMLP
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(seed)
         model = GrokkingMLP(config.p, config.width, config.num_layers, bias=config.bias)
     with torch.no_grad():
         for param in model.parameters():
@@ -187,6 +194,8 @@ def _measure(
             )
             if warm.get("eigenvectors") is not None:
                 options["init"] = warm["eigenvectors"]
+            if warm.get("bottom_eigenvectors") is not None:
+                options["init_bottom"] = warm["bottom_eigenvectors"]
         else:
             options.update(num_probes=config.num_probes, num_steps=config.num_steps)
         start = time.perf_counter()
@@ -199,9 +208,19 @@ def _measure(
         out[f"sd_{method}_products"] = float(est.num_products)
         if method == "deflated":
             warm["eigenvectors"] = est.eigenvectors
+            warm["bottom_eigenvectors"] = est.bottom_eigenvectors
             out["lambda_max"] = float(est.eigenvalues[0, 0])
             out["trace"] = float(est.trace)
             out["rds_sharpness"] = float(est.lambda_1)
+            # why SD is what it is, from the same estimate (no further products)
+            for name in ("n_edge", "n_neg", "total_exponent", "j_star", "lambda_min"):
+                out[name] = float(est.decomposition()[name])
+            # the heavy-ball map of the optimizer actually used, read from the same spectrum
+            value, se = sdopt.sd_from_spectrum(
+                est.spectrum, config.lr, exponent_map="momentum", momentum=config.momentum
+            )
+            out["sd_momentum"] = float(value)
+            out["sd_momentum_uncertainty"] = float(se)
     if exact:
         start = time.perf_counter()
         est = sdopt.estimate_sharpness_dimension(
@@ -218,16 +237,20 @@ def train_with_checkpoints(
     config: GrokkingDynamicsConfig,
     progress: Callable[[str], None] | None = None,
     partial_path: str | os.PathLike[str] | None = None,
+    *,
+    seed: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Train full batch and return one record per checkpoint (uncached).
+    """Train full batch with ``seed`` (default: the first of ``config.seeds``) and return one
+    record per checkpoint (uncached).
 
     With ``partial_path``, each record is also appended to that JSON-lines file as soon as it
     is measured, so an interrupted run leaves its checkpoints behind.
     """
     from sdopt.tasks.grokking import modular_arithmetic
 
-    data = modular_arithmetic(config.p, "add", config.train_fraction, seed=config.seed)
-    model = _build_model(config)
+    seed = config.seeds[0] if seed is None else check_int("seed", seed)
+    data = modular_arithmetic(config.p, "add", config.train_fraction, seed=seed)
+    model = _build_model(config, seed)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
@@ -243,6 +266,7 @@ def train_with_checkpoints(
             train_loss, train_acc = _evaluate(model, *data.train)
             test_loss, test_acc = _evaluate(model, *data.val)
             record: dict[str, Any] = {
+                "seed": seed,
                 "checkpoint": index,
                 "epoch": epoch,
                 "train_loss": train_loss,
@@ -270,10 +294,13 @@ def train_with_checkpoints(
                     f.write(json.dumps(record) + "\n")
             if progress is not None:
                 progress(
-                    f"epoch {epoch:>6}: train acc {train_acc:.3f}, test acc {test_acc:.3f}, "
+                    f"seed {seed} epoch {epoch:>6}: train acc {train_acc:.3f}, test acc {test_acc:.3f}, "
                     + ", ".join(
                         f"{m} {record.get(f'sd_{m}', math.nan):.1f}" for m in config.sd_methods
                     )
+                    + f", sd_momentum {record.get('sd_momentum', math.nan):.1f}"
+                    + f", n_edge {record.get('n_edge', math.nan):.3g}"
+                    + f", n_neg {record.get('n_neg', math.nan):.3g}"
                     + f", λ_max {record.get('lambda_max', math.nan):.3g}"
                     + f", trace {record.get('trace', math.nan):.4g} "
                     f"({time.perf_counter() - start:.0f}s)"
@@ -371,58 +398,304 @@ def jump_verdict(
 
 
 # ---------------------------------------------------------------------------------------------
+# permutation test (statistic fixed in advance, see the module docstring)
+
+#: Quantities tested against the claim (the paper's SD, the heavy-ball SD, and the rest).
+TESTED = (
+    "sd_deflated", "sd_momentum", "lambda_max", "trace", "rds_sharpness", "n_edge", "n_neg",
+    "weight_norm",
+)  # fmt: skip
+
+#: The three segments of the series: ``(name, alternative)``; "less" counts placements whose
+#: mean change is ``≤`` the observed one (a drop), "greater" those ``≥`` it (a rise).
+SEGMENTS = (("before", "greater"), ("inside", "less"), ("after", "greater"))
+
+
+def step_changes(values: Sequence[float]) -> list[float]:
+    """``Δ_i = v_{i+1} − v_i`` for ``i = 0 … n − 2``; ``nan`` where either value is not finite."""
+    v = [float(x) for x in values]
+    return [
+        v[i + 1] - v[i] if math.isfinite(v[i]) and math.isfinite(v[i + 1]) else math.nan
+        for i in range(len(v) - 1)
+    ]
+
+
+def placement_means(deltas: Sequence[float], length: int) -> list[float]:
+    """Mean of the finite ``Δ`` in the circular window ``[s, s + length)`` for every start ``s``.
+
+    A window with no finite ``Δ`` has mean ``nan``. ``length`` must be ``1 … len(deltas)``.
+    """
+    m = len(deltas)
+    check_int("length", length, minimum=1)
+    if length > m:
+        raise ValueError(f"Invalid length: {length} (the series has {m} changes)")
+    out = []
+    for start in range(m):
+        window = [deltas[(start + j) % m] for j in range(length)]
+        finite = [d for d in window if math.isfinite(d)]
+        out.append(sum(finite) / len(finite) if finite else math.nan)
+    return out
+
+
+def _segments(window: tuple[int, int], m: int) -> dict[str, tuple[int, int]]:
+    """``(first Δ index, length)`` of the changes before, inside and after the jump window."""
+    start, end = window
+    return {"before": (0, start), "inside": (start, end - start), "after": (end, m - end)}
+
+
+def _p_value(means: Sequence[float], observed: int, alternative: str) -> float:
+    obs = means[observed]
+    null = [x for x in means if math.isfinite(x)]
+    if not math.isfinite(obs) or not null:
+        return math.nan
+    hits = sum(x <= obs for x in null) if alternative == "less" else sum(x >= obs for x in null)
+    return hits / len(null)
+
+
+def _outside_scale(deltas: Sequence[float], window: tuple[int, int]) -> tuple[float, str]:
+    """Median ``|Δ|`` outside the window (mean ``|Δ|`` if the median is 0; ``nan`` if flat)."""
+    start, end = window
+    outside = sorted(
+        abs(d) for i, d in enumerate(deltas) if math.isfinite(d) and not start <= i < end
+    )
+    if not outside:
+        return math.nan, "none"
+    median = outside[len(outside) // 2]
+    if median > 0:
+        return median, "median"
+    mean = sum(outside) / len(outside)
+    return (mean, "mean") if mean > 0 else (math.nan, "flat")
+
+
+def permutation_test(values: Sequence[float], window: tuple[int, int]) -> dict[str, Any]:
+    """Mean per-checkpoint change before, inside and after ``window``, with placement p-values.
+
+    With ``Δ_i = v_{i+1} − v_i`` (``m = n − 1`` changes), the statistic of a segment is the mean
+    of its finite ``Δ``. The null distribution places a segment of the same length at each of
+    the ``m`` circular shifts of the ``Δ`` series (the observed one included), which keeps the
+    autocorrelation of the series. The p-value is one-sided: inside the window, the fraction of
+    placements whose mean is ``≤`` the observed one (a drop); before and after it, ``≥`` (a
+    rise). The smallest attainable p-value is ``1/m``; a segment of length 0 (window at an end
+    of the series) or without finite changes gives ``nan``.
+
+    Returns:
+        ``{"before"|"inside"|"after": {"mean_change", "p_value", "length", "placements"},
+        "scale": median |Δ| outside the window, "scale_kind"}``.
+    """
+    deltas = step_changes(values)
+    m = len(deltas)
+    start, end = window
+    if not 0 <= start < end <= m:
+        raise ValueError(f"Invalid window: {window} (need 0 <= start < end <= {m})")
+    out: dict[str, Any] = {}
+    for name, alternative in SEGMENTS:
+        first, length = _segments(window, m)[name]
+        if length == 0:
+            out[name] = {"mean_change": math.nan, "p_value": math.nan, "length": 0, "placements": 0}
+            continue
+        means = placement_means(deltas, length)
+        out[name] = {
+            "mean_change": means[first],
+            "p_value": _p_value(means, first, alternative),
+            "length": length,
+            "placements": sum(math.isfinite(x) for x in means),
+        }
+    out["scale"], out["scale_kind"] = _outside_scale(deltas, window)
+    return out
+
+
+def combined_permutation_test(
+    series: Sequence[tuple[Sequence[float], tuple[int, int]]],
+    *,
+    draws: int = 10_000,
+    generator_seed: int = 0,
+) -> dict[str, Any]:
+    """Combine :func:`permutation_test` over seeds: one statistic and p-value per segment.
+
+    For each seed ``k`` (values and jump window), the segment's mean change is divided by that
+    seed's median ``|Δ|`` outside the window (the scale of :func:`permutation_test`); the
+    combined statistic is the average of these over the seeds. Its null distribution draws,
+    ``draws`` times, an independent uniform placement per seed (a seed generator fixed by
+    ``generator_seed``) and averages the normalised placement means; the one-sided p-value is
+    ``(1 + #{null ≤ observed}) / (1 + draws)`` inside the window, with ``≥`` before and after.
+    Seeds whose segment is empty or whose outside changes are all 0 are left out (``n_seeds``).
+    """
+    check_int("draws", draws, minimum=1)
+    gen = torch.Generator().manual_seed(generator_seed)
+    out: dict[str, Any] = {}
+    for name, alternative in SEGMENTS:
+        observed, nulls = [], []
+        for values, window in series:
+            deltas = step_changes(values)
+            first, length = _segments(window, len(deltas))[name]
+            scale, _ = _outside_scale(deltas, window)
+            if length == 0 or not math.isfinite(scale):
+                continue
+            means = placement_means(deltas, length)
+            if not math.isfinite(means[first]):
+                continue
+            finite = torch.tensor([x for x in means if math.isfinite(x)], dtype=torch.float64)
+            observed.append(means[first] / scale)
+            nulls.append(finite / scale)
+        if not observed:
+            out[name] = {"statistic": math.nan, "p_value": math.nan, "n_seeds": 0}
+            continue
+        obs = float(torch.tensor(observed, dtype=torch.float64).mean())
+        null = torch.stack([n[torch.randint(len(n), (draws,), generator=gen)] for n in nulls]).mean(
+            0
+        )
+        tol = 1e-12 * max(1.0, abs(obs))
+        hits = (
+            int((null <= obs + tol).sum())
+            if alternative == "less"
+            else int((null >= obs - tol).sum())
+        )
+        out[name] = {
+            "statistic": obs,
+            "p_value": (1 + hits) / (1 + draws),
+            "n_seeds": len(observed),
+        }
+    out["draws"] = draws
+    return out
+
+
+def study_verdict(
+    runs: dict[int, list[dict[str, Any]]],
+    config: GrokkingDynamicsConfig | None = None,
+    *,
+    keys: Sequence[str] | None = None,
+    draws: int = 10_000,
+    generator_seed: int = 0,
+) -> dict[str, Any]:
+    """Per-seed :func:`jump_verdict` and :func:`permutation_test`, and the combination over the
+    seeds that grokked (:func:`combined_permutation_test`)."""
+    if keys is None:
+        keys = [
+            k
+            for k in ("sd_exact", "sd_deflated", "sd_slq", "sd_kde", "sd_ps", *TESTED)
+            if any(k in r for records in runs.values() for r in records)
+        ]
+    tested = [k for k in TESTED if k in keys]
+    per_seed: dict[str, Any] = {}
+    combined_inputs: dict[str, list[tuple[list[float], tuple[int, int]]]] = {k: [] for k in tested}
+    for seed, records in runs.items():
+        verdict = jump_verdict(records, keys)
+        if verdict["grokked"]:
+            verdict["window_test_accuracy"] = (
+                records[verdict["window"][0]]["test_accuracy"],
+                records[verdict["window"][1]]["test_accuracy"],
+            )
+            verdict["permutation"] = {}
+            for key in tested:
+                values = [float(r.get(key, math.nan)) for r in records]
+                if sum(math.isfinite(x) for x in values) < 3:
+                    continue
+                verdict["permutation"][key] = permutation_test(values, verdict["window"])
+                combined_inputs[key].append((values, verdict["window"]))
+        per_seed[str(seed)] = verdict
+    combined = {
+        key: combined_permutation_test(inputs, draws=draws, generator_seed=generator_seed)
+        for key, inputs in combined_inputs.items()
+        if inputs
+    }
+    return {
+        "seeds": [int(s) for s in runs],
+        "grokked": {str(s): per_seed[str(s)]["grokked"] for s in runs},
+        "per_seed": per_seed,
+        "combined": combined,
+        "draws": draws,
+        "generator_seed": generator_seed,
+        "lr": None if config is None else config.lr,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # outputs
 
 
 @dataclass
 class GrokkingDynamicsResults:
+    """What :func:`run_grokking_study` returns.
+
+    ``records``: all checkpoints of all seeds (each with its ``seed``); ``runs``: the same by
+    seed; ``cached``: every seed came from the cache; ``cached_seeds``: which did.
+    """
+
     config: GrokkingDynamicsConfig
     records: list[dict[str, Any]]
     verdict: dict[str, Any]
     cached: bool
     files: dict[str, str]
+    runs: dict[int, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    cached_seeds: dict[int, bool] = dataclasses.field(default_factory=dict)
+
+
+PANELS = (
+    ("accuracy", (("train_accuracy", "train"), ("test_accuracy", "test")), "linear"),
+    (
+        "sharpness dimension",
+        (("sd_exact", "exact"), ("sd_deflated", "GD map (paper)"), ("sd_momentum", "heavy ball β")),
+        "symlog",
+    ),
+    ("counts", (("n_edge", "n_edge (GD map)"), ("n_neg", "n_neg")), "symlog1"),
+    ("total exponent T", (("total_exponent", "T"),), "symlog1"),
+    ("λ_max", (("lambda_max", "λ_max"),), "linear"),
+    ("λ_min", (("lambda_min", "λ_min"),), "linear"),
+    ("trace", (("trace", "trace"),), "linear"),
+    ("weight norm", (("weight_norm", "‖w‖"),), "linear"),
+)
 
 
 def plot_dynamics(
-    records: Sequence[dict[str, Any]],
+    runs: dict[int, Sequence[dict[str, Any]]],
     verdict: dict[str, Any],
     path: str | os.PathLike[str],
     lr: float | None = None,
+    momentum: float | None = None,
 ) -> Path:
-    """Accuracies, SD estimates, λ_max and trace against epochs; the jump window shaded."""
+    """One column per seed: accuracies, SD (GD and heavy-ball maps), ``n_edge``/``n_neg``, ``T``,
+    λ_max, λ_min, trace and weight norm against epochs; the jump window shaded."""
     plt = import_pyplot()
-    epochs = [r["epoch"] for r in records]
-    panels = [
-        ("accuracy", [("train_accuracy", "train"), ("test_accuracy", "test")]),
-        (
-            "sharpness dimension",
-            [(k, k[3:]) for k in ("sd_exact", "sd_deflated", "sd_slq", "sd_kde", "sd_ps")],
-        ),
-        ("λ_max", [("lambda_max", "λ_max")]),
-        ("trace", [("trace", "trace")]),
-    ]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 8.5), sharex=True)
-    for ax, (title, series) in zip(axes, panels):
-        for key, label in series:
-            pts = [
-                (e, r[key])
-                for e, r in zip(epochs, records)
-                if isinstance(r.get(key), float) and math.isfinite(r[key])
-            ]
-            if pts:
-                style = "o" if key == "sd_exact" else "-"
-                ax.plot(*zip(*pts), style, label=label, markersize=4)
-        ax.set_ylabel(title, fontsize=9)
-        if title == "sharpness dimension":
-            ax.set_yscale("symlog", linthresh=10.0)
-        if title == "λ_max" and lr is not None:
-            ax.axhline(2.0 / lr, color="grey", linestyle="--", linewidth=0.8, label="2/η")
-        if len(ax.get_lines()) > 1:
-            ax.legend(fontsize=7, loc="best")
-        if verdict.get("window_epochs"):
-            ax.axvspan(*verdict["window_epochs"], color="orange", alpha=0.2, linewidth=0)
-        ax.tick_params(labelsize=8)
-    axes[-1].set_xlabel("epoch (full batch)", fontsize=9)
+    seeds = list(runs)
+    fig, axes = plt.subplots(
+        len(PANELS), len(seeds), figsize=(4.4 * len(seeds) + 1.0, 15), sharex="col", squeeze=False
+    )
+    for col, seed in enumerate(seeds):
+        records = runs[seed]
+        epochs = [r["epoch"] for r in records]
+        window = verdict.get("per_seed", {}).get(str(seed), {}).get("window_epochs")
+        for row, (title, series, scale) in enumerate(PANELS):
+            ax = axes[row][col]
+            for key, label in series:
+                pts = [
+                    (e, r[key])
+                    for e, r in zip(epochs, records)
+                    if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+                ]
+                if pts:
+                    style = "o" if key == "sd_exact" else "-"
+                    ax.plot(*zip(*pts), style, label=label, markersize=3, linewidth=1.1)
+            if scale == "symlog":
+                ax.set_yscale("symlog", linthresh=10.0)
+            elif scale == "symlog1":
+                ax.set_yscale("symlog", linthresh=1.0)
+            if title == "λ_max" and lr is not None:
+                ax.axhline(2.0 / lr, color="grey", linestyle="--", linewidth=0.8, label="2/η")
+                if momentum:
+                    ax.axhline(
+                        2.0 * (1 + momentum) / lr, color="grey", linestyle=":", linewidth=0.8,
+                        label="2(1+β)/η",
+                    )  # fmt: skip
+            if col == 0:
+                ax.set_ylabel(title, fontsize=9)
+            if row == 0:
+                ax.set_title(f"seed {seed}", fontsize=10)
+            if len(ax.get_lines()) > 1 and col == len(seeds) - 1:
+                ax.legend(fontsize=7, loc="best")
+            if window:
+                ax.axvspan(*window, color="orange", alpha=0.2, linewidth=0)
+            ax.tick_params(labelsize=7)
+        axes[-1][col].set_xlabel("epoch (full batch)", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -432,50 +705,72 @@ def plot_dynamics(
 
 
 RECORD_COLUMNS = (
-    "checkpoint", "epoch", "train_accuracy", "test_accuracy", "train_loss", "test_loss",
-    "sd_exact", "sd_deflated", "sd_deflated_uncertainty", "sd_slq", "sd_slq_uncertainty", "sd_kde", "sd_ps",
-    "lambda_max", "trace", "weight_norm",
+    "seed", "checkpoint", "epoch", "train_accuracy", "test_accuracy", "train_loss", "test_loss",
+    "sd_exact", "sd_deflated", "sd_deflated_uncertainty", "sd_momentum", "sd_momentum_uncertainty",
+    "sd_slq", "sd_slq_uncertainty", "sd_kde", "sd_ps",
+    "n_edge", "n_neg", "total_exponent", "j_star", "lambda_max", "lambda_min", "trace",
+    "rds_sharpness", "weight_norm", "sd_deflated_products", "sd_deflated_seconds",
 )  # fmt: skip
 
 
 def _verdict_markdown(verdict: dict[str, Any]) -> str:
-    if not verdict.get("grokked"):
-        return "No grokking jump: test accuracy never rose by 0.5 or more.\n"
-    lines = [
-        f"Jump window: checkpoints {verdict['window'][0]}–{verdict['window'][1]} "
-        f"(epochs {verdict['window_epochs'][0]}–{verdict['window_epochs'][1]}).\n",
-    ]
-    rows = []
-    for key, stats in verdict.items():
-        if isinstance(stats, dict) and "net_change" in stats:
-            rows.append(
-                [
-                    key,
-                    stats["net_change"],
-                    stats["mean_step_inside"],
-                    stats["median_abs_step_outside"],
-                    stats["ratio"],
-                    stats["sharp_drop"],
-                ]
-            )
-    header = [
-        "quantity",
-        "net change in window",
-        "mean step inside",
-        "median abs step outside",
-        "ratio",
-        "sharp drop",
-    ]
-    return "\n".join(lines) + "\n" + markdown_table(header, rows, digits=4)
+    lines: list[str] = []
+    for seed, v in verdict["per_seed"].items():
+        lines.append(f"### Seed {seed}\n")
+        if not v.get("grokked"):
+            lines.append("No grokking jump: test accuracy never rose by 0.5 or more.\n")
+            continue
+        lines.append(
+            f"Jump window: checkpoints {v['window'][0]}–{v['window'][1]} "
+            f"(epochs {v['window_epochs'][0]}–{v['window_epochs'][1]}, test accuracy "
+            f"{v['window_test_accuracy'][0]:.3f} → {v['window_test_accuracy'][1]:.3f}).\n"
+        )
+        rows = [
+            [key, s["net_change"], s["mean_step_inside"], s["median_abs_step_outside"],
+             s["ratio"], s["sharp_drop"]]
+            for key, s in v.items()
+            if isinstance(s, dict) and "net_change" in s
+        ]  # fmt: skip
+        header = ["quantity", "net change in window", "mean Δ inside", "median |Δ| outside",
+                  "ratio", "sharp drop (ratio < −2)"]  # fmt: skip
+        lines.append(markdown_table(header, rows, digits=4))
+        rows = [
+            [key, t["before"]["mean_change"], t["before"]["p_value"], t["inside"]["mean_change"],
+             t["inside"]["p_value"], t["after"]["mean_change"], t["after"]["p_value"]]
+            for key, t in v.get("permutation", {}).items()
+        ]  # fmt: skip
+        header = ["quantity", "mean Δ before", "p (rise before)", "mean Δ inside",
+                  "p (drop inside)", "mean Δ after", "p (rise after)"]  # fmt: skip
+        lines.append("Placement (circular-shift) test, one-sided:\n")
+        lines.append(markdown_table(header, rows, digits=3))
+    if verdict["combined"]:
+        lines.append(
+            f"### Combined over the seeds that grokked ({verdict['draws']:,} Monte-Carlo draws)\n"
+        )
+        lines.append(
+            "Statistic: the mean Δ of the segment divided by the seed's median |Δ| outside the "
+            "jump window, averaged over seeds.\n"
+        )
+        rows = [
+            [key, c["before"]["statistic"], c["before"]["p_value"], c["inside"]["statistic"],
+             c["inside"]["p_value"], c["after"]["statistic"], c["after"]["p_value"],
+             c["inside"]["n_seeds"]]
+            for key, c in verdict["combined"].items()
+        ]  # fmt: skip
+        header = ["quantity", "before", "p (rise)", "inside", "p (drop)", "after", "p (rise)",
+                  "seeds"]  # fmt: skip
+        lines.append(markdown_table(header, rows, digits=3))
+    return "\n".join(lines)
 
 
 def write_outputs(
     config: GrokkingDynamicsConfig,
-    records: list[dict[str, Any]],
+    runs: dict[int, list[dict[str, Any]]],
     verdict: dict[str, Any],
     out_dir: Path,
 ) -> dict[str, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
+    records = [r for seed in runs for r in runs[seed]]
     files = {
         "checkpoints_csv": str(
             write_csv(
@@ -484,7 +779,11 @@ def write_outputs(
                 [[r.get(c) for c in RECORD_COLUMNS] for r in records],
             )
         ),
-        "plot": str(plot_dynamics(records, verdict, out_dir / "grokking_dynamics.png", config.lr)),
+        "plot": str(
+            plot_dynamics(
+                runs, verdict, out_dir / "grokking_dynamics.png", config.lr, config.momentum
+            )
+        ),
     }
     (out_dir / "verdict.json").write_text(json.dumps(verdict, indent=1, default=str))
     files["verdict_json"] = str(out_dir / "verdict.json")
@@ -505,44 +804,47 @@ def run_grokking_study(
     num_threads: int | None = 1,
     progress: Callable[[str], None] | None = print,
 ) -> GrokkingDynamicsResults:
-    """Train (or load from the cache) one grokking run, then write the CSV, plot and verdict.
+    """Train (or load from the cache) one grokking run per seed, then write the CSV, plot,
+    verdict and permutation tests.
+
+    Each seed is cached on its own (key: every setting of ``config`` except ``seeds``, plus the
+    seed), so an interrupted study resumes at the first seed it had not finished.
 
     Args:
-        config: settings (default: the full ``p = 97`` study).
-        out_dir: output directory; ``cache_dir`` (default ``<out_dir>/cache``) holds the run.
+        config: settings (default: the full ``p = 97`` study, three seeds).
+        out_dir: output directory; ``cache_dir`` (default ``<out_dir>/cache``) holds the runs.
         num_threads: torch threads while the study runs (``None`` leaves them alone).
         progress: called with one line per checkpoint (``None`` for silence).
     """
     config = config or GrokkingDynamicsConfig()
     out = Path(out_dir)
     cache = RunCache(Path(cache_dir) if cache_dir is not None else out / "cache", prefix="grokking")
-    key = {"study": "grokking_dynamics", **dataclasses.asdict(config)}
+    runs: dict[int, list[dict[str, Any]]] = {}
+    hits: dict[int, bool] = {}
     with torch_threads(num_threads):
-        partial = out / "checkpoints.partial.jsonl"
+        for seed in config.seeds:
+            key = run_key(config, seed)
+            partial = out / f"checkpoints-seed{seed}.partial.jsonl"
 
-        def compute() -> dict[str, Any]:
-            out.mkdir(parents=True, exist_ok=True)
-            partial.unlink(missing_ok=True)
-            records = train_with_checkpoints(config, progress, partial)
-            partial.unlink(missing_ok=True)
-            return {"records": records}
+            def compute(seed: int = seed, partial: Path = partial) -> dict[str, Any]:
+                out.mkdir(parents=True, exist_ok=True)
+                partial.unlink(missing_ok=True)
+                records = train_with_checkpoints(config, progress, partial, seed=seed)
+                partial.unlink(missing_ok=True)
+                return {"records": records}
 
-        result, hit = cache.get_or_run(key, compute)
-    records = result["records"]
-    keys = [
-        k
-        for k in (
-            "sd_exact",
-            "sd_deflated",
-            "sd_slq",
-            "sd_kde",
-            "sd_ps",
-            "lambda_max",
-            "trace",
-            "weight_norm",
-        )
-        if any(k in r for r in records)
-    ]
-    verdict = jump_verdict(records, keys)
-    files = write_outputs(config, records, verdict, out)
-    return GrokkingDynamicsResults(config, records, verdict, hit, files)
+            result, hits[seed] = cache.get_or_run(key, compute)
+            runs[seed] = result["records"]
+    verdict = study_verdict(runs, config)
+    files = write_outputs(config, runs, verdict, out)
+    records = [r for seed in config.seeds for r in runs[seed]]
+    return GrokkingDynamicsResults(
+        config, records, verdict, all(hits.values()), files, runs=runs, cached_seeds=hits
+    )
+
+
+def run_key(config: GrokkingDynamicsConfig, seed: int) -> dict[str, Any]:
+    """The cache key of one seed's run: every setting except ``seeds``, and the seed."""
+    settings = dataclasses.asdict(config)
+    del settings["seeds"]
+    return {"study": "grokking_dynamics", **settings, "seed": seed}
