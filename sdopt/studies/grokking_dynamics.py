@@ -7,19 +7,35 @@ operands, 40 % of all pairs for training, an MLP of width 32 with GELU
 paper reports that SD rises while test accuracy creeps up, drops sharply during the grokking
 jump, and rises again once test accuracy reaches 100 %, while trace and λ_max just decrease.
 
-At ``checkpoints`` evenly spaced epochs the study records train/test accuracy and loss, the
-weight norm, a cheap SD estimate (:func:`sdopt.estimate_sharpness_dimension`, full-batch
-protocol, since training is full batch), λ_max and the trace (:func:`sdopt.compute_measures`),
-and, where the model is small enough, the exact SD from the dense Hessian at every
-``exact_every``-th checkpoint.
+Each seed of ``seeds`` is one training run (the seed sets the train/test split and the
+initialisation), cached on its own. At ``checkpoints`` evenly spaced epochs the study records
+train/test accuracy and loss, the weight norm, and one SD estimate
+(:func:`sdopt.estimate_sharpness_dimension` with ``method="deflated"``, full-batch protocol,
+since training is full batch; top and bottom eigenpairs warm-started from the previous
+checkpoint). From that one estimate, with no further Hessian-vector products, it records SD of
+the GD map ``I − ηH`` (``sd_deflated``, as the paper), the decomposition of THEORY.md §8
+(``n_edge``, ``n_neg``, ``total_exponent``, ``j_star``, ``lambda_min``), λ_max, the trace of
+the spectrum, the RDS sharpness, and SD of the heavy-ball map of the optimizer actually used
+(``sd_momentum``, :func:`sdopt.sd_from_spectrum` with ``exponent_map="momentum"``; its state
+has ``2d`` coordinates, so it lies in ``[0, 2d]``). Where the model is small enough, the exact
+SD from the dense Hessian is added at every ``exact_every``-th checkpoint.
 
-The verdict (:func:`jump_verdict`) is computed, not eyeballed. The *jump window* runs from the
+The verdict is computed, not eyeballed. The *jump window* (:func:`jump_window`) runs from the
 first checkpoint whose test accuracy reaches ``lo`` of its final rise to the first that reaches
 ``hi`` of it (defaults 10 % and 90 %, the rise measured from the pre-jump level to the maximum).
-With ``Δ_i = SD_{i+1} − SD_i`` the per-checkpoint changes, SD "drops sharply during the jump"
-when its net change over the window is negative and its mean change per checkpoint inside the
-window is below ``−factor ×`` the median ``|Δ|`` outside the window (default ``factor = 2``).
-The same statistics are reported for λ_max and the trace.
+With ``Δ_i = v_{i+1} − v_i`` the per-checkpoint changes of a quantity:
+
+* :func:`change_statistics` (the first release's rule): v "drops sharply during the jump" when
+  its net change over the window is negative and its mean ``Δ`` inside the window is below
+  ``−factor ×`` the median ``|Δ|`` outside it (default ``factor = 2``).
+* :func:`permutation_test`, the statistic fixed in advance for the claim: the mean ``Δ`` inside
+  the window, against the same mean over a window of the same length placed at every circular
+  shift of the ``Δ`` series (which keeps its autocorrelation); one-sided p-value = fraction of
+  placements, the observed one included, with mean ``≤`` the observed. The mean ``Δ`` before
+  and after the window ("rises before and after") get their own placement p-values (``≥``).
+* :func:`combined_permutation_test` pools the seeds: each seed's mean ``Δ`` divided by its
+  median ``|Δ|`` outside the window, averaged over seeds, against a Monte-Carlo null with an
+  independent placement per seed (10,000 draws, generator seed 0).
 
 Run it with ``sdopt study grokking [--quick] [--out DIR] [--cache DIR]``.
 """
@@ -47,8 +63,13 @@ from sdopt.studies.correlation import torch_threads
 __all__ = [
     "GrokkingDynamicsConfig",
     "GrokkingDynamicsResults",
+    "change_statistics",
+    "combined_permutation_test",
     "jump_verdict",
+    "jump_window",
+    "permutation_test",
     "run_grokking_study",
+    "study_verdict",
 ]
 
 _LOSS = nn.functional.cross_entropy
