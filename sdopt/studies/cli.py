@@ -8,12 +8,15 @@ register it: ``add_study_parser(subparsers)`` adds the ``study`` subcommand and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 STUDIES = ("correlation", "grokking")
+#: datasets of the correlation study (kept in step with sdopt.studies.correlation.DATASETS).
+DATASETS = ("digits", "mnist1d")
 
 
 def add_study_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -22,8 +25,9 @@ def add_study_parser(subparsers: Any) -> argparse.ArgumentParser:
         "study",
         help="reproduce the paper's measurements at CPU scale (correlation, grokking)",
         description=(
-            "correlation: Kendall τ/ψ of SD and other measures against the generalization gap "
-            "on a learning-rate × batch-size grid (digits MLP). grokking: SD, trace and λ_max "
+            "correlation: Kendall τ/ψ and partial τ (with bootstrap intervals) of SD and other "
+            "measures against the generalization gap on a learning-rate × batch-size grid "
+            "trained for a fixed epoch budget (digits and MNIST-1D MLPs, several seeds). grokking: SD, trace and λ_max "
             "through a grokking run of an MLP on (a + b) mod p, with a computed verdict. "
             "Runs are cached under --cache and skipped when found."
         ),
@@ -37,6 +41,21 @@ def add_study_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: tiny models run fastest)"
     )
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        choices=DATASETS,
+        default=None,
+        help="correlation: only these datasets (default: all; e.g. one process per dataset "
+        "sharing --cache)",
+    )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="only these seeds (default: the study's; the tables then cover these seeds only)",
+    )
     return parser
 
 
@@ -48,15 +67,33 @@ def run_study(args: argparse.Namespace) -> int:
         from sdopt.studies.correlation import CorrelationConfig, run_correlation_study
 
         config = CorrelationConfig.quick() if args.quick else CorrelationConfig()
+        overrides: dict[str, Any] = {}
+        if args.datasets:
+            overrides["datasets"] = tuple(config.dataset(name) for name in args.datasets)
+        if args.seeds:
+            overrides["seeds"] = tuple(args.seeds)
+        config = dataclasses.replace(config, **overrides)
         result = run_correlation_study(
             config, out_dir=out, cache_dir=args.cache, num_threads=args.threads
         )
         print(Path(result.files["correlations_md"]).read_text())
         print(f"{len(result.runs)} runs ({result.cached} from the cache)")
+        for name, secs in result.seconds.items():
+            print(f"{name}: {secs:.0f} s wall in this call")
     else:
         from sdopt.studies.grokking_dynamics import GrokkingDynamicsConfig, run_grokking_study
 
         config = GrokkingDynamicsConfig.quick() if args.quick else GrokkingDynamicsConfig()
+        if args.datasets:
+            print(
+                "sdopt study: error: --datasets applies to the correlation study", file=sys.stderr
+            )
+            return 2
+        if args.seeds:
+            if not hasattr(config, "seeds"):
+                print("sdopt study: error: --seeds needs a study with seeds", file=sys.stderr)
+                return 2
+            config = dataclasses.replace(config, seeds=tuple(args.seeds))
         result = run_grokking_study(
             config, out_dir=out, cache_dir=args.cache, num_threads=args.threads
         )
