@@ -327,7 +327,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert config_from_args(args).threads == 1
 
 
-@pytest.mark.parametrize("command", ["grok", "sweep"])
+@pytest.mark.parametrize("command", ["grok", "sweep", "study"])
 def test_docs_show_the_current_help(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # docs/cli.md pastes `COLUMNS=100 sdopt <command> --help`; defaults must not go stale there
     monkeypatch.setenv("COLUMNS", "100")

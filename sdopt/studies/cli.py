@@ -27,8 +27,10 @@ def add_study_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "correlation: Kendall τ/ψ and partial τ (with bootstrap intervals) of SD and other "
             "measures against the generalization gap on a learning-rate × batch-size grid "
-            "trained for a fixed epoch budget (digits and MNIST-1D MLPs, several seeds). grokking: SD, trace and λ_max "
-            "through a grokking run of an MLP on (a + b) mod p, with a computed verdict. "
+            "trained for a fixed epoch budget (digits and MNIST-1D MLPs, several seeds). "
+            "grokking: SD with its decomposition, trace and λ_max through grokking runs of an "
+            "MLP on (a + b) mod p over several seeds, with a permutation test of the paper's "
+            "claim. "
             "Runs are cached under --cache and skipped when found."
         ),
     )
