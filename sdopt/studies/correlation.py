@@ -55,6 +55,7 @@ from sdopt.studies.common import (
     RunCache,
     format_number,
     import_pyplot,
+    markdown_table,
     write_csv,
 )
 from sdopt.studies.kendall import RankStatistics, kendall_tau, rank_statistics
@@ -861,6 +862,39 @@ def _summary_markdown(name: str, summary: dict[str, Any]) -> str:
     )
 
 
+def estimator_rows(runs: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
+    """Each cheap estimator against the exact SD of the same Hessians, per protocol.
+
+    ``max_error``/``mean_error``: |estimate − exact|; ``covered``: share of runs where the error
+    is within twice the reported uncertainty; ``tau``: Kendall τ between estimate and exact.
+    """
+    rows = []
+    for method in methods:
+        for suffix, protocol in (("", "minibatch"), ("_fullbatch", "full batch")):
+            key, exact = f"sd_{method}{suffix}", f"sd_exact{suffix}"
+            pairs = [
+                (float(r[key]), float(r[exact]), float(r.get(f"{key}_uncertainty", math.nan)))
+                for r in runs
+                if isinstance(r.get(key), (int, float)) and isinstance(r.get(exact), (int, float))
+            ]
+            if not pairs:
+                continue
+            errors = [abs(a - b) for a, b, _ in pairs]
+            covered = [err <= 2 * u for err, (_, _, u) in zip(errors, pairs) if math.isfinite(u)]
+            rows.append(
+                {
+                    "estimator": method,
+                    "protocol": protocol,
+                    "runs": len(pairs),
+                    "max_error": max(errors),
+                    "mean_error": sum(errors) / len(errors),
+                    "covered": sum(covered) / len(covered) if covered else math.nan,
+                    "tau": kendall_tau([a for a, _, _ in pairs], [b for _, b, _ in pairs]),
+                }
+            )
+    return rows
+
+
 def write_outputs(
     config: CorrelationConfig,
     runs: list[dict[str, Any]],
@@ -888,6 +922,15 @@ def write_outputs(
         parts.append(f"## {name}\n\n" + _summary_markdown(name, grid_summary(of_dataset)))
         for gap, label in GAPS:
             parts.append(f"\n### Against the {label}\n\n" + correlation_markdown(table, gap))
+        estimators = estimator_rows(of_dataset, config.estimators)
+        if estimators:
+            header = ["estimator", "protocol", "runs", "max |error|", "mean |error|",
+                      "within 2 uncertainties", "τ with exact"]  # fmt: skip
+            keys = ["estimator", "protocol", "runs", "max_error", "mean_error", "covered", "tau"]
+            parts.append(
+                "\n### Cheap estimators against the exact SD of the same Hessians\n\n"
+                + markdown_table(header, [[r[k] for k in keys] for r in estimators], digits=3)
+            )
         for gap, _ in GAPS:
             key = f"scatter_{name}_{gap}"
             files[key] = str(

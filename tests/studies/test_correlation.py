@@ -340,6 +340,7 @@ def test_tiny_study_writes_tables_csv_and_real_pngs(tiny_study):
     assert "## digits" in table and "## mnist1d" in table
     assert "| SD exact (minibatch) | 8 |" in table
     assert "τ given lr" in table
+    assert "### Cheap estimators against the exact SD of the same Hessians" in table
     header = (out / "correlations.csv").read_text().splitlines()[0]
     assert header.startswith("dataset,measure,label,runs,tau_gap_accuracy,tau_low_gap_accuracy")
     assert len((out / "runs.csv").read_text().splitlines()) == 17
@@ -441,3 +442,16 @@ def test_config_rejects_bad_values(kwargs, message):
 def test_dataset_spec_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DatasetSpec(**kwargs)
+
+
+def test_estimator_rows_error_coverage_and_tau():
+    runs = [
+        {"sd_exact": 10.0, "sd_deflated": 11.0, "sd_deflated_uncertainty": 1.0},  # within 2σ
+        {"sd_exact": 20.0, "sd_deflated": 25.0, "sd_deflated_uncertainty": 1.0},  # outside
+        {"sd_exact": 30.0, "sd_deflated": 29.0, "sd_deflated_uncertainty": 0.5},  # at 2σ
+    ]
+    (row,) = correlation.estimator_rows(runs, ("deflated",))
+    assert row["protocol"] == "minibatch" and row["runs"] == 3
+    assert row["max_error"] == 5.0 and row["mean_error"] == pytest.approx(7 / 3)
+    assert row["covered"] == pytest.approx(2 / 3)
+    assert row["tau"] == pytest.approx(1.0)
