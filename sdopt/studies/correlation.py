@@ -626,6 +626,7 @@ MEASURE_LABELS = (
     ("weight_norm", "weight norm"),
     ("gradient_noise_scale", "noise scale η(N/B − 1)"),
     ("simple_noise_scale", "simple noise scale B_simple"),
+    ("noisy_memorised", "share of wrong labels fitted"),
 )
 GAPS = (("gap_accuracy", "accuracy gap"), ("gap_loss", "loss gap"))
 HYPERPARAMETERS = ("lr", "batch_size")
@@ -895,6 +896,39 @@ def estimator_rows(runs: Sequence[dict[str, Any]], methods: Sequence[str]) -> li
     return rows
 
 
+#: (key, label) of the quantities whose dependence on the hyperparameters is tabulated.
+CONFOUND_KEYS = (
+    ("gap_accuracy", "accuracy gap"),
+    ("gap_loss", "loss gap"),
+    ("noisy_memorised", "share of wrong labels fitted"),
+    ("sd_exact", "SD exact (minibatch)"),
+    ("sd_exact_fullbatch", "SD exact (full batch)"),
+)
+
+
+def confound_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Kendall τ of the gaps, the memorised label noise and the SD with η, B and η/B, and of
+    the memorised label noise with the accuracy gap: how far the hyperparameters alone explain
+    them (the confounding the partial τ removes)."""
+    usable = [r for r in runs if not r.get("diverged")]
+    rows = []
+    for key, label in CONFOUND_KEYS:
+        present = [r for r in usable if isinstance(r.get(key), (int, float))]
+        if len(present) < 2:
+            continue
+        values = [float(r[key]) for r in present]
+        rows.append(
+            {
+                "quantity": label,
+                "lr": kendall_tau([r["lr"] for r in present], values),
+                "batch_size": kendall_tau([r["batch_size"] for r in present], values),
+                "lr_over_b": kendall_tau([r["lr"] / r["batch_size"] for r in present], values),
+                "gap_accuracy": kendall_tau([r["gap_accuracy"] for r in present], values),
+            }
+        )
+    return rows
+
+
 def write_outputs(
     config: CorrelationConfig,
     runs: list[dict[str, Any]],
@@ -922,9 +956,17 @@ def write_outputs(
         parts.append(f"## {name}\n\n" + _summary_markdown(name, grid_summary(of_dataset)))
         for gap, label in GAPS:
             parts.append(f"\n### Against the {label}\n\n" + correlation_markdown(table, gap))
+        confounds = confound_rows(of_dataset)
+        if confounds:
+            header = ["quantity", "τ with η", "τ with B", "τ with η/B", "τ with the accuracy gap"]
+            keys = ["quantity", "lr", "batch_size", "lr_over_b", "gap_accuracy"]
+            parts.append(
+                "\n### How far the hyperparameters explain the gaps and SD\n\n"
+                + markdown_table(header, [[r[k] for k in keys] for r in confounds], digits=2)
+            )
         estimators = estimator_rows(of_dataset, config.estimators)
         if estimators:
-            header = ["estimator", "protocol", "runs", "max |error|", "mean |error|",
+            header = ["estimator", "protocol", "runs", "max abs error", "mean abs error",
                       "within 2 uncertainties", "τ with exact"]  # fmt: skip
             keys = ["estimator", "protocol", "runs", "max_error", "mean_error", "covered", "tau"]
             parts.append(

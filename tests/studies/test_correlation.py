@@ -341,6 +341,8 @@ def test_tiny_study_writes_tables_csv_and_real_pngs(tiny_study):
     assert "| SD exact (minibatch) | 8 |" in table
     assert "τ given lr" in table
     assert "### Cheap estimators against the exact SD of the same Hessians" in table
+    assert "### How far the hyperparameters explain the gaps and SD" in table
+    assert "| share of wrong labels fitted |" in table  # digits has label noise
     header = (out / "correlations.csv").read_text().splitlines()[0]
     assert header.startswith("dataset,measure,label,runs,tau_gap_accuracy,tau_low_gap_accuracy")
     assert len((out / "runs.csv").read_text().splitlines()) == 17
@@ -455,3 +457,15 @@ def test_estimator_rows_error_coverage_and_tau():
     assert row["max_error"] == 5.0 and row["mean_error"] == pytest.approx(7 / 3)
     assert row["covered"] == pytest.approx(2 / 3)
     assert row["tau"] == pytest.approx(1.0)
+
+
+def test_confound_rows_measure_dependence_on_the_hyperparameters():
+    runs = [
+        {"lr": lr, "batch_size": b, "gap_accuracy": lr / b, "gap_loss": -b, "sd_exact": 1.0}
+        for lr in (0.1, 0.2, 0.4) for b in (8, 32)
+    ]  # fmt: skip
+    rows = {r["quantity"]: r for r in correlation.confound_rows(runs)}
+    assert rows["accuracy gap"]["lr_over_b"] == pytest.approx(1.0)
+    assert rows["loss gap"]["batch_size"] == pytest.approx(-1.0)
+    assert math.isnan(rows["SD exact (minibatch)"]["lr"])  # constant: τ undefined
+    assert "share of wrong labels fitted" not in rows  # no run carries it
