@@ -366,7 +366,13 @@ def test_quick_uses_one_seed_and_twenty_checkpoints():
     quick = GrokkingDynamicsConfig.quick()
     assert quick.seeds == (0,) and quick.checkpoints == 20
     full = GrokkingDynamicsConfig()
-    assert full.seeds == (0, 1, 2) and full.checkpoints == 100
+    assert full.seeds == (0, 1, 2) and full.checkpoints == 34
+    # the estimator runs at the library's defaults (cheaper settings were shown wrong)
+    from sdopt.dimension.estimators import DEFAULTS
+
+    assert (full.topk, full.num_probes, full.num_steps, full.topk_tol) == (
+        DEFAULTS["k"], DEFAULTS["num_probes"], DEFAULTS["num_steps"], DEFAULTS["tol"],
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
