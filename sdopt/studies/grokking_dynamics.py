@@ -756,7 +756,7 @@ def _verdict_markdown(verdict: dict[str, Any]) -> str:
             for key, s in v.items()
             if isinstance(s, dict) and "net_change" in s
         ]  # fmt: skip
-        header = ["quantity", "net change in window", "mean Δ inside", "median |Δ| outside",
+        header = ["quantity", "net change in window", "mean Δ inside", "median abs Δ outside",
                   "ratio", "sharp drop (ratio < −2)"]  # fmt: skip
         lines.append(markdown_table(header, rows, digits=4))
         rows = [
