@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sdopt.studies import DATASETS
+
 STUDIES = ("correlation", "grokking")
-#: datasets of the correlation study (kept in step with sdopt.studies.correlation.DATASETS).
-DATASETS = ("digits", "mnist1d")
 
 
 def add_study_parser(subparsers: Any) -> argparse.ArgumentParser:

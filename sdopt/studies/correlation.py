@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from sdopt._checks import check_choice, check_in_range, check_int, check_positive
+from sdopt.studies import DATASETS  # the datasets the study builds offline
 from sdopt.studies.common import (
     RunCache,
     format_number,
@@ -74,8 +75,6 @@ __all__ = [
     "train_fixed_epochs",
 ]
 
-#: datasets the study knows how to build offline.
-DATASETS = ("digits", "mnist1d")
 
 # ---------------------------------------------------------------------------------------------
 # configuration
@@ -169,8 +168,10 @@ class CorrelationConfig:
         check_int("width", self.width, minimum=1)
         check_int("ph_points", self.ph_points, minimum=0)
         check_int("sd_batches", self.sd_batches, minimum=1)
-        for method in self.estimators:
-            check_choice("estimators", method, ("deflated", "slq", "kde", "ps", "topk"))
+        from sdopt.dimension.estimators import METHODS
+
+        for method in self.estimators:  # every cheap method ("exact" always runs)
+            check_choice("estimators", method, tuple(m for m in METHODS if m != "exact"))
         check_positive("adaptive_rho", self.adaptive_rho)
         check_int("measure_seed", self.measure_seed)
         check_int("resamples", self.resamples, minimum=1)
@@ -896,14 +897,8 @@ def estimator_rows(runs: Sequence[dict[str, Any]], methods: Sequence[str]) -> li
     return rows
 
 
-#: (key, label) of the quantities whose dependence on the hyperparameters is tabulated.
-CONFOUND_KEYS = (
-    ("gap_accuracy", "accuracy gap"),
-    ("gap_loss", "loss gap"),
-    ("noisy_memorised", "share of wrong labels fitted"),
-    ("sd_exact", "SD exact (minibatch)"),
-    ("sd_exact_fullbatch", "SD exact (full batch)"),
-)
+#: the quantities whose dependence on the hyperparameters is tabulated (labels as elsewhere).
+CONFOUND_KEYS = ("gap_accuracy", "gap_loss", "noisy_memorised", "sd_exact", "sd_exact_fullbatch")
 
 
 def confound_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -911,15 +906,16 @@ def confound_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     the memorised label noise with the accuracy gap: how far the hyperparameters alone explain
     them (the confounding the partial τ removes)."""
     usable = [r for r in runs if not r.get("diverged")]
+    labels = {**dict(GAPS), **dict(MEASURE_LABELS)}
     rows = []
-    for key, label in CONFOUND_KEYS:
+    for key in CONFOUND_KEYS:
         present = [r for r in usable if isinstance(r.get(key), (int, float))]
         if len(present) < 2:
             continue
         values = [float(r[key]) for r in present]
         rows.append(
             {
-                "quantity": label,
+                "quantity": labels[key],
                 "lr": kendall_tau([r["lr"] for r in present], values),
                 "batch_size": kendall_tau([r["batch_size"] for r in present], values),
                 "lr_over_b": kendall_tau([r["lr"] / r["batch_size"] for r in present], values),

@@ -238,8 +238,9 @@ def _measure(
             out["trace"] = float(est.trace)
             out["rds_sharpness"] = float(est.lambda_1)
             # why SD is what it is, from the same estimate (no further products)
+            decomposition = est.decomposition()
             for name in ("n_edge", "n_neg", "total_exponent", "j_star", "lambda_min"):
-                out[name] = float(est.decomposition()[name])
+                out[name] = float(decomposition[name])
             # the heavy-ball map of the optimizer actually used, read from the same spectrum
             value, se = sdopt.sd_from_spectrum(
                 est.spectrum, config.lr, exponent_map="momentum", momentum=config.momentum
@@ -380,11 +381,8 @@ def change_statistics(
     """
     v = [float(x) for x in values]
     start, end = window
-    steps = [
-        (i, v[i + 1] - v[i])
-        for i in range(len(v) - 1)
-        if math.isfinite(v[i]) and math.isfinite(v[i + 1])
-    ]
+    # step_changes marks a pair with a non-finite value as nan
+    steps = [(i, d) for i, d in enumerate(step_changes(v)) if not math.isnan(d)]
     inside = [d for i, d in steps if start <= i < end]
     outside = sorted(abs(d) for i, d in steps if not start <= i < end)
     net = v[end] - v[start]
